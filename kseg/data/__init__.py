@@ -1,0 +1,1 @@
+"""Preprocessing (joblib, cached), weight maps, augmentation and Keras generators."""

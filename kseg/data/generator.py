@@ -1,0 +1,153 @@
+"""Keras batches from a preprocessed cache: per-epoch shuffling, crops, augmentation, targets.
+
+Every random choice (the epoch's sample order, each sample's crop and augmentation) is derived from
+``(seed, epoch, position)``, so batches are the same whichever worker process or thread builds
+them and two runs with the same seed see the same data.
+
+Batches are ``(inputs, targets, weights)`` as NumPy arrays:
+``inputs`` float32 B x H x W x C in [0, 1], ``targets`` float32 B x H x W x T (see
+:mod:`kseg.data.targets`), ``weights`` float32 B x H x W x 1 (the weight map; 0 on padding).
+:meth:`SegmentationBatches.as_graph_inputs` turns one into the dict that a training model with the
+weight map as an input takes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import albumentations as A
+import keras
+import numpy as np
+
+from kseg.data.preprocess import PreprocessedDataset
+from kseg.data.targets import make_targets
+
+IN_MEMORY_LIMIT_BYTES = 2 * 1024**3
+
+
+class SegmentationBatches(keras.utils.PyDataset):
+    """Batches for ``model.fit``.
+
+    Training (``crop_size`` set): each sample is randomly cropped to ``crop_size`` (zero-padded
+    with weight 0 when smaller), then augmented. Evaluation (``crop_size=None``): whole images,
+    each batch zero-padded to a common size that is a multiple of ``pad_multiple`` (2**depth for a
+    U-Net), again with weight 0 on the padding.
+    """
+
+    def __init__(
+        self,
+        data: PreprocessedDataset,
+        ids: Sequence[str] | None = None,
+        *,
+        batch_size: int = 8,
+        crop_size: tuple[int, int] | None = None,
+        augment: A.Compose | None = None,
+        targets: str = "mask",
+        border_width: int = 2,
+        pad_multiple: int = 16,
+        shuffle: bool = True,
+        seed: int = 0,
+        output: str = "tuple",
+        in_memory: bool | None = None,
+        workers: int = 1,
+        use_multiprocessing: bool = False,
+        max_queue_size: int = 10,
+    ):
+        super().__init__(workers=workers, use_multiprocessing=use_multiprocessing, max_queue_size=max_queue_size)
+        if output not in ("tuple", "graph"):
+            raise ValueError(f"output must be 'tuple' or 'graph', not {output!r}")
+        self.data = data
+        self.ids = list(data.ids if ids is None else ids)
+        if not self.ids:
+            raise ValueError("SegmentationBatches needs at least one sample id")
+        self.batch_size = int(batch_size)
+        self.crop_size = tuple(crop_size) if crop_size is not None else None
+        self.augment = augment
+        self.targets = targets
+        self.border_width = border_width
+        self.pad_multiple = int(pad_multiple)
+        self.shuffle = shuffle
+        self.seed = int(seed)
+        self.output = output
+        self.is_instance = data.kind == "instance"
+        self.epoch = 0
+        self._order = self._epoch_order(0)
+        if in_memory is None:
+            in_memory = sum(data.path(i).stat().st_size for i in self.ids) < IN_MEMORY_LIMIT_BYTES
+        self._cache = {i: data.load(i) for i in self.ids} if in_memory else None
+
+    # -- keras.utils.PyDataset ------------------------------------------------------------------
+    def __len__(self) -> int:
+        return math.ceil(len(self.ids) / self.batch_size)
+
+    def __getitem__(self, index: int):
+        if index >= len(self):
+            raise IndexError(f"batch {index} of {len(self)}")
+        start = index * self.batch_size
+        positions = range(start, min(start + self.batch_size, len(self.ids)))
+        samples = [self.sample(position) for position in positions]
+        batch = self._collate(samples)
+        return self.as_graph_inputs(batch) if self.output == "graph" else batch
+
+    def on_epoch_end(self) -> None:
+        # Called in the main process; Keras hands the updated object to fresh workers each epoch.
+        self.epoch += 1
+        self._order = self._epoch_order(self.epoch)
+
+    # -- pieces ---------------------------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        """Jump to an epoch (a resumed run continues with that epoch's order and augmentation)."""
+        self.epoch = int(epoch)
+        self._order = self._epoch_order(self.epoch)
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(len(self.ids))
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.ids))
+
+    def _load(self, sample_id: str) -> dict[str, np.ndarray]:
+        return self._cache[sample_id] if self._cache is not None else self.data.load(sample_id)
+
+    def sample(self, position: int) -> dict[str, np.ndarray]:
+        """The image, target and weight of the epoch's ``position``-th sample, augmented."""
+        arrays = self._load(self.ids[self._order[position]])
+        image, target = arrays["image"], arrays["target"]
+        weight = arrays.get("weight")
+        if weight is None:
+            weight = np.ones(target.shape, np.float32)
+        if self.augment is not None:
+            sample_seed = int(np.random.SeedSequence([self.seed, self.epoch, position]).generate_state(1)[0])
+            self.augment.set_random_seed(sample_seed)
+            out = self.augment(image=image, mask=target, weight=weight)
+            image, target, weight = out["image"], out["mask"], out["weight"]
+        if image.ndim == 2:
+            image = image[..., None]
+        return {
+            "image": image,
+            "target": make_targets(target, self.targets, self.is_instance, self.border_width),
+            "weight": weight.astype(np.float32)[..., None],
+        }
+
+    def _collate(self, samples: list[dict[str, np.ndarray]]):
+        height = max(s["image"].shape[0] for s in samples)
+        width = max(s["image"].shape[1] for s in samples)
+        if self.crop_size is None:
+            height = -(-height // self.pad_multiple) * self.pad_multiple
+            width = -(-width // self.pad_multiple) * self.pad_multiple
+        batch = {}
+        for key in ("image", "target", "weight"):
+            first = samples[0][key]
+            out = np.zeros((len(samples), height, width, first.shape[-1]), np.float32)
+            for row, s in enumerate(samples):
+                h, w = s[key].shape[:2]
+                out[row, :h, :w] = s[key]
+            batch[key] = out
+        batch["image"] *= np.float32(1 / 255)
+        return batch["image"], batch["target"], batch["weight"]
+
+    @staticmethod
+    def as_graph_inputs(batch) -> dict[str, np.ndarray]:
+        """``(image, target, weight)`` -> the inputs of a training model that owns its loss."""
+        image, target, weight = batch
+        return {"image": image, "target": target, "weight_map": weight}

@@ -1,0 +1,27 @@
+"""Shared fixtures: the optional real data beside the project, and test markers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("KSEG_SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data"))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end-to-end runs (seconds to minutes); CI runs them too")
+    config.addinivalue_line("markers", "jax: runs Keras on the JAX backend in a subprocess")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real public data folder (../shared/data); skips the test when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data folder {SHARED_DATA} is absent (it sits beside the project in CI)")
+    return SHARED_DATA
