@@ -1,0 +1,259 @@
+"""Building blocks shared by the segmentation builders.
+
+Owns the conv-BN-ReLU, residual and upsampling blocks, the output head and its conventions
+(channel targets, activation, float32 output), the bilinear transposed-convolution initializer
+and the input-size check. Everything is ``keras.layers`` / ``keras.ops`` so it runs on the
+TensorFlow and JAX backends alike.
+
+Layer names: a block called with ``name="enc1"`` creates ``enc1_1_conv``, ``enc1_1_bn``,
+``enc1_1_relu``, ... and always ends in a layer named ``enc1_out``, so skip connections and
+feature maps can be picked by name.
+
+Output convention (every semantic builder):
+    head conv (``"head"``, n_out channels, compute dtype)
+      -> ``"logits"``: linear Activation, float32 even under mixed precision
+      -> ``"probs"``: sigmoid or softmax Activation, float32 (absent when activation=None)
+The model output is ``"probs"`` (or ``"logits"`` when activation=None); a loss that wants
+logits for numerical stability takes ``model.get_layer("logits").output``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import keras
+import numpy as np
+from keras import layers
+
+from kseg.errors import ConfigError
+
+# ----------------------------------------------------------------------------- output conventions
+
+#: Per-pixel target maps a head can predict, one sigmoid channel each (multi-label), in the
+#: order written: "mask+border" -> channel 0 = mask, channel 1 = touching borders between
+#: instances; "mask+center" -> channel 1 = instance centres/markers (the DSB 2018 winners'
+#: recipe for splitting touching nuclei with a watershed).
+TARGET_NAMES = ("mask", "border", "center")
+
+_ACTIVATIONS = ("sigmoid", "softmax", None)
+AUTO = "auto"
+
+
+def target_channels(targets: str) -> list[str]:
+    """``"mask+border"`` -> ``["mask", "border"]``: the channel order of a multi-label head."""
+    if not isinstance(targets, str) or not targets.strip():
+        raise ConfigError(f"targets must be a string such as 'mask+border', got {targets!r}")
+    names = [t.strip() for t in targets.split("+")]
+    unknown = [t for t in names if t not in TARGET_NAMES]
+    if unknown:
+        raise ConfigError(
+            f"unknown target {unknown[0]!r} in {targets!r}; known targets: "
+            f"{', '.join(TARGET_NAMES)} (join with '+', e.g. 'mask+border')"
+        )
+    if len(set(names)) != len(names):
+        raise ConfigError(f"targets {targets!r} names a channel twice")
+    return names
+
+
+def output_channels(targets: str) -> int:
+    """Number of output channels for a target spec: "mask" -> 1, "mask+border" -> 2, ..."""
+    return len(target_channels(targets))
+
+
+def resolve_head(
+    n_classes: int | None = None,
+    targets: str | None = None,
+    activation: str | None = AUTO,
+) -> tuple[int, str | None]:
+    """(channels, activation) of the head from the builder options.
+
+    ``targets`` (multi-label sigmoid channels) and ``n_classes`` (output channels) may both be
+    given only when they agree. ``activation="auto"``: sigmoid for one channel or for
+    ``targets``, softmax (mutually exclusive classes, background included) otherwise.
+    """
+    if targets is not None:
+        n_out = output_channels(targets)
+        if n_classes is not None and int(n_classes) != n_out:
+            raise ConfigError(
+                f"n_classes={n_classes} disagrees with targets={targets!r} ({n_out} channels); "
+                "give only one of them"
+            )
+    else:
+        n_out = 1 if n_classes is None else int(n_classes)
+    if n_out < 1:
+        raise ConfigError(f"n_classes must be >= 1, got {n_classes}")
+    if activation == AUTO:
+        activation = "sigmoid" if (targets is not None or n_out == 1) else "softmax"
+    if activation == "linear":
+        activation = None
+    if activation not in _ACTIVATIONS:
+        raise ConfigError(
+            f"activation must be 'sigmoid', 'softmax', None or 'auto', got {activation!r}"
+        )
+    if activation == "softmax" and n_out == 1:
+        raise ConfigError(
+            "softmax over a single channel is constant 1; use activation='sigmoid' for one "
+            "channel or n_classes >= 2 (background included) for softmax"
+        )
+    return n_out, activation
+
+
+def output_head(logits_in, activation: str | None):
+    """Attach the float32 ``"logits"`` layer and, when ``activation`` is set, ``"probs"``."""
+    logits = layers.Activation("linear", dtype="float32", name="logits")(logits_in)
+    if activation is None:
+        return logits
+    return layers.Activation(activation, dtype="float32", name="probs")(logits)
+
+
+def segmentation_head(x, n_out: int, activation: str | None):
+    """1x1 convolution to ``n_out`` channels (``"head"``) followed by ``output_head``."""
+    x = layers.Conv2D(n_out, 1, padding="same", name="head")(x)
+    return output_head(x, activation)
+
+
+# ----------------------------------------------------------------------------- input sizes
+
+
+def _divisor_text(divisor: int) -> str:
+    if divisor > 1 and divisor & (divisor - 1) == 0:
+        return f"2**{divisor.bit_length() - 1}={divisor}"
+    return str(divisor)
+
+
+def nearest_valid_sizes(n: int, divisor: int) -> tuple[int, ...]:
+    """The multiples of ``divisor`` just below and above ``n`` (only positive ones)."""
+    lower = (n // divisor) * divisor
+    if lower == n:
+        return (n,)
+    return tuple(s for s in (lower, lower + divisor) if s > 0)
+
+
+def check_input_size(height: int | None, width: int | None, divisor: int, what: str = "input"):
+    """Raise ConfigError unless height and width (None = dynamic, skipped) divide by divisor.
+
+    The message names the nearest sizes that would work, e.g.
+    ``input height 100 is not divisible by 2**4=16; use 96 or 112``.
+    """
+    divisor = int(divisor)
+    problems = []
+    for label, n in (("height", height), ("width", width)):
+        if n is None:
+            continue
+        n = int(n)
+        if n < 1:
+            problems.append(f"{label} {n} must be positive")
+        elif n % divisor:
+            sizes = " or ".join(str(s) for s in nearest_valid_sizes(n, divisor))
+            problems.append(
+                f"{label} {n} is not divisible by {_divisor_text(divisor)}; use {sizes}"
+            )
+    if problems:
+        raise ConfigError(
+            f"{what} " + "; ".join(problems) + " (crop, resize, pad or tile to a multiple)"
+        )
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+def conv_bn_relu(x, filters: int, kernel_size: int = 3, *, batch_norm: bool = True,
+                 name: str, act_name: str | None = None):
+    """Conv ('same') -> optional BatchNorm -> ReLU; the conv has no bias when BN follows."""
+    x = layers.Conv2D(
+        filters, kernel_size, padding="same", use_bias=not batch_norm,
+        kernel_initializer="he_normal", name=f"{name}_conv",
+    )(x)
+    if batch_norm:
+        x = layers.BatchNormalization(name=f"{name}_bn")(x)
+    return layers.Activation("relu", name=act_name or f"{name}_relu")(x)
+
+
+def conv_block(x, filters: int, *, n_convs: int = 2, batch_norm: bool = True, name: str):
+    """``n_convs`` conv-BN-ReLU units (the U-Net double convolution); output ``{name}_out``."""
+    for i in range(1, n_convs + 1):
+        last = i == n_convs
+        x = conv_bn_relu(x, filters, batch_norm=batch_norm, name=f"{name}_{i}",
+                         act_name=f"{name}_out" if last else None)
+    return x
+
+
+def residual_block(x, filters: int, *, batch_norm: bool = True, name: str):
+    """Two 3x3 convs with an identity (or 1x1 projection) shortcut; output ``{name}_out``.
+
+    The projection is used only when the channel count changes, so the block is a drop-in
+    replacement for ``conv_block``.
+    """
+    shortcut = x
+    if x.shape[-1] != filters:
+        shortcut = layers.Conv2D(filters, 1, padding="same", use_bias=not batch_norm,
+                                 kernel_initializer="he_normal", name=f"{name}_proj_conv")(x)
+        if batch_norm:
+            shortcut = layers.BatchNormalization(name=f"{name}_proj_bn")(shortcut)
+    y = conv_bn_relu(x, filters, batch_norm=batch_norm, name=f"{name}_1")
+    y = layers.Conv2D(filters, 3, padding="same", use_bias=not batch_norm,
+                      kernel_initializer="he_normal", name=f"{name}_2_conv")(y)
+    if batch_norm:
+        y = layers.BatchNormalization(name=f"{name}_2_bn")(y)
+    y = layers.Add(name=f"{name}_add")([shortcut, y])
+    return layers.Activation("relu", name=f"{name}_out")(y)
+
+
+def upsample_block(x, filters: int, *, mode: str = "transpose", name: str):
+    """Double the spatial size and map to ``filters`` channels; output ``{name}_out``.
+
+    ``"transpose"``: the paper's 2x2 up-convolution (Conv2DTranspose, stride 2).
+    ``"bilinear"``: bilinear UpSampling2D then a 1x1 convolution (no checkerboard artefacts).
+    """
+    if mode == "transpose":
+        return layers.Conv2DTranspose(filters, 2, strides=2, padding="same",
+                                      kernel_initializer="he_normal", name=f"{name}_out")(x)
+    if mode == "bilinear":
+        x = layers.UpSampling2D(2, interpolation="bilinear", name=f"{name}_bilinear")(x)
+        return layers.Conv2D(filters, 1, padding="same", kernel_initializer="he_normal",
+                             name=f"{name}_out")(x)
+    raise ConfigError(f"upsampling must be 'transpose' or 'bilinear', got {mode!r}")
+
+
+# ----------------------------------------------------------------------------- bilinear kernels
+
+
+def _bilinear_1d(k: int) -> np.ndarray:
+    factor = (k + 1) // 2
+    center = factor - 1 if k % 2 == 1 else factor - 0.5
+    return (1 - np.abs(np.arange(k) - center) / factor).astype(np.float32)
+
+
+def bilinear_kernel(k: int | Sequence[int], channels: int) -> np.ndarray:
+    """Conv2DTranspose kernel (kh, kw, channels, channels) that upsamples bilinearly.
+
+    Each channel is upsampled on its own (the kernel is diagonal in channels). With kernel
+    size 2*s, stride s and 'same' padding this is bilinear interpolation by s; for k=4 the 1-D
+    profile is (0.25, 0.75, 0.75, 0.25).
+    """
+    kh, kw = (k, k) if isinstance(k, int) else tuple(k)
+    kernel2d = np.outer(_bilinear_1d(int(kh)), _bilinear_1d(int(kw)))
+    out = np.zeros((kh, kw, channels, channels), dtype=np.float32)
+    for c in range(channels):
+        out[:, :, c, c] = kernel2d
+    return out
+
+
+@keras.saving.register_keras_serializable(package="kseg")
+class BilinearUpsampleInitializer(keras.initializers.Initializer):
+    """Initialise a Conv2DTranspose kernel to per-channel bilinear upsampling (FCN, Long et al.).
+
+    Needs as many filters as input channels; use kernel size 2*stride and padding='same'.
+    """
+
+    def __call__(self, shape, dtype=None):
+        if len(shape) != 4 or shape[2] != shape[3]:
+            raise ValueError(
+                "BilinearUpsampleInitializer needs a Conv2DTranspose kernel with filters equal "
+                f"to input channels, shape (kh, kw, c, c); got {tuple(shape)}"
+            )
+        kernel = bilinear_kernel((shape[0], shape[1]), shape[2])
+        return keras.ops.convert_to_tensor(kernel, dtype=dtype or keras.backend.floatx())
+
+    def get_config(self):
+        return {}
