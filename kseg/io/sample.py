@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
+import time
+import types
+from collections.abc import Mapping
 from pathlib import Path
 
 import cv2
@@ -19,7 +24,8 @@ class Sample:
 
     ``image`` is uint8 H x W x C as read (C = 1 or 3; alpha dropped). ``labels`` is an int32
     H x W instance label image (0 = background, 1..K instances) for instance datasets, or ``mask`` a
-    uint8 H x W class-index mask for semantic ones; test samples have neither.
+    uint8 H x W class-index mask for semantic ones (H x W x C of 0/1 when classes may overlap);
+    test samples have neither.
     """
 
     id: str
@@ -74,9 +80,42 @@ def read_image(path: str | Path) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
+def _read_palette(path: Path) -> np.ndarray | None:
+    """Pixel values of a palette PNG/GIF as a viewer means them, or None for other files.
+
+    OpenCV and imageio expand a palette to colours, which destroys class indices (Pascal VOC
+    style masks). A grey palette keeps its grey levels (Carvana GIFs read as 0/255); a colour
+    palette yields the palette indices, which are the classes.
+    """
+    if path.suffix.lower() not in (".png", ".gif"):
+        return None
+    try:
+        from PIL import Image
+
+        with Image.open(path) as handle:
+            if handle.mode != "P":
+                return None
+            indices = np.asarray(handle)  # first frame of an animated GIF
+            palette = handle.getpalette() or []
+    except Exception:  # noqa: BLE001 - let the general reader report undecodable files
+        return None
+    colours = np.asarray(palette, np.uint8).reshape(-1, 3)
+    used = np.unique(indices)
+    if used.max(initial=0) >= len(colours):
+        return indices.astype(np.uint8)
+    grey = colours[used, 0]
+    if np.array_equal(colours[used], np.repeat(grey[:, None], 3, axis=1)):
+        return colours[:, 0][indices]
+    return indices.astype(np.uint8)
+
+
 def read_mask(path: str | Path) -> np.ndarray:
     """Read a mask as a uint8 H x W array (first channel if the file has several)."""
-    array = _read_any(Path(path), cv2.IMREAD_UNCHANGED)
+    path = Path(path)
+    palette_values = _read_palette(path)
+    if palette_values is not None:
+        return np.ascontiguousarray(palette_values)
+    array = _read_any(path, cv2.IMREAD_UNCHANGED)
     if array.ndim == 3:
         array = array[..., 0]
     if array.dtype != np.uint8:
@@ -94,3 +133,106 @@ def check_same_size(image: np.ndarray, mask: np.ndarray, path: str | Path) -> No
             f"{image.shape[1]}x{image.shape[0]} (width x height)",
             path,
         )
+
+
+def is_image_file(name: str) -> bool:
+    """An image we can read, not a hidden file (macOS ``._x.png`` forks are not images)."""
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageFolder:
+    """The image files directly inside one folder, looked up by file name or by stem.
+
+    ``ambiguous`` holds the stems shared by several files (``x.png`` and ``x.jpg``): looking
+    such a stem up is an error, since either file could be meant.
+    """
+
+    folder: Path
+    by_name: Mapping[str, Path]
+    by_stem: Mapping[str, Path]
+    ambiguous: Mapping[str, tuple[str, ...]]
+
+    def stem_path(self, stem: str) -> Path | None:
+        """The one file whose stem is ``stem``; DataError if two files share it."""
+        if stem in self.ambiguous:
+            raise DataError(
+                f"several files share the name {stem!r} ({', '.join(self.ambiguous[stem])}); "
+                "keep one of them or move the others out of the folder",
+                self.folder,
+            )
+        return self.by_stem.get(stem)
+
+
+def list_images(folder: str | Path) -> ImageFolder:
+    """Index the image files in ``folder`` (sorted by name, not recursive).
+
+    The index is cached per folder and folder mtime, so each joblib worker lists a folder with
+    200k images once instead of once per sample; adding or removing a file changes the mtime.
+    """
+    folder = Path(folder)
+    try:
+        mtime = folder.stat().st_mtime_ns
+    except OSError:
+        raise DataError("image folder does not exist", folder) from None
+    if not folder.is_dir():
+        raise DataError("expected a folder of images, found a file", folder)
+    if recently_changed(mtime):
+        return _list_images.__wrapped__(str(folder), mtime)
+    return _list_images(str(folder), mtime)
+
+
+def recently_changed(mtime_ns: int) -> bool:
+    """File times tick in clock jiffies, so two changes within one can share an mtime: a folder
+    or file changed in the last two seconds is read afresh rather than trusted to a cache."""
+    return time.time_ns() - mtime_ns < 2_000_000_000
+
+
+@functools.lru_cache(maxsize=16)
+def _list_images(folder: str, mtime_ns: int) -> ImageFolder:
+    with os.scandir(folder) as entries:
+        names = sorted(e.name for e in entries if is_image_file(e.name) and e.is_file())
+    root = Path(folder)
+    by_name = {name: root / name for name in names}
+    by_stem: dict[str, Path] = {}
+    shared: dict[str, list[str]] = {}
+    for name in names:
+        stem = os.path.splitext(name)[0]
+        if stem in by_stem:
+            shared.setdefault(stem, [by_stem[stem].name]).append(name)
+        by_stem[stem] = root / name
+    ambiguous = {stem: tuple(files) for stem, files in shared.items()}
+    return ImageFolder(
+        root,
+        types.MappingProxyType(by_name),
+        types.MappingProxyType(by_stem),
+        types.MappingProxyType(ambiguous),
+    )
+
+
+def resolve_image(folder: ImageFolder, image_id: str) -> Path | None:
+    """The image file an id names: ``x.jpg`` by file name, ``x`` by stem, or the DSB layout
+    ``x/images/x.png`` (Airbus and Severstal ids carry the extension, DSB ids do not)."""
+    path = folder.by_name.get(image_id)
+    if path is None:
+        path = folder.stem_path(image_id)
+    if path is None and image_id and "/" not in image_id and image_id not in (".", ".."):
+        nested = folder.folder / image_id / "images" / f"{image_id}.png"
+        if nested.is_file():
+            path = nested
+    return path
+
+
+def list_dsb_ids(folder: str | Path) -> list[str]:
+    """Sorted ids of the ``<id>/images/<id>.png`` sample folders directly under ``folder``."""
+    folder = Path(folder)
+    with os.scandir(folder) as entries:
+        names = sorted(e.name for e in entries if not e.name.startswith(".") and e.is_dir())
+    return [n for n in names if (folder / n / "images" / f"{n}.png").is_file()]
+
+
+def preview(names, limit: int = 5) -> str:
+    """``a, b, c and 12 more``: error messages name the first few offenders, not thousands."""
+    names = list(names)
+    shown = ", ".join(str(n) for n in names[:limit])
+    return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"

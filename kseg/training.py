@@ -1,0 +1,238 @@
+"""Training: run directory, model + in-graph loss, callbacks, resume, and the final report.
+
+``train(cfg)`` preprocesses (or reads the cache), splits folds, builds the inference model and the
+training graph from one builder call, and fits with:
+validation IoU-mAP -> checkpoints of the inference model (best on the monitor, last every epoch)
+-> CSV log -> TensorBoard scalars and pictures -> BackupAndRestore -> TerminateOnNaN -> learning
+-rate schedule -> EarlyStopping.
+
+Run directories are ``runs/<dataset>-<model>-<time>/``. A run that did not finish is resumed by
+the next ``train`` with the same config (BackupAndRestore restores weights, optimizer and epoch;
+the interrupted epoch is replayed from its first batch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from kseg.config import Config, project_path
+from kseg.data.targets import n_target_channels
+from kseg.fileio import atomic_write_text
+
+STATUS = "status.json"
+
+
+@dataclasses.dataclass
+class TrainResult:
+    run_dir: Path
+    history: dict
+    val_score: float
+    baseline_score: float
+    monitor: str
+    seconds: float
+
+
+# -- run directories --------------------------------------------------------------------------------
+def _run_prefix(cfg: Config) -> str:
+    return f"{cfg.dataset.name}-{cfg.model.name}"
+
+
+def _training_fingerprint(cfg: Config) -> str:
+    """What must match for an unfinished run to be resumed (not where the logs go)."""
+    return cfg.fingerprint("dataset", "preprocess", "augment", "generator", "split", "model", "train", "postprocess")
+
+
+def find_resumable_run(cfg: Config) -> Path | None:
+    runs = project_path(cfg.train.runs_dir)
+    if not runs.is_dir():
+        return None
+    fingerprint = _training_fingerprint(cfg)
+    for run in sorted(runs.glob(f"{_run_prefix(cfg)}-*"), reverse=True):
+        status_file = run / STATUS
+        if not status_file.is_file():
+            continue
+        status = json.loads(status_file.read_text())
+        if status.get("state") == "running" and status.get("fingerprint") == fingerprint:
+            return run
+    return None
+
+
+def new_run_dir(cfg: Config) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    run = project_path(cfg.train.runs_dir) / f"{_run_prefix(cfg)}-{stamp}"
+    suffix = 1
+    while run.exists():
+        run = run.with_name(f"{_run_prefix(cfg)}-{stamp}-{suffix}")
+        suffix += 1
+    run.mkdir(parents=True)
+    return run
+
+
+def _write_status(run: Path, cfg: Config, state: str, **extra) -> None:
+    status = {"state": state, "fingerprint": _training_fingerprint(cfg), **extra}
+    atomic_write_text(run / STATUS, json.dumps(status, indent=1))
+
+
+def newest_run(runs_dir: str | Path = "runs", finished_only: bool = True) -> Path | None:
+    """The newest run directory (by its time stamp), optionally only finished ones."""
+    runs = project_path(runs_dir)
+    candidates = sorted((p for p in runs.glob("*/" + STATUS)), key=lambda p: p.stat().st_mtime, reverse=True)
+    for status_file in candidates:
+        if not finished_only or json.loads(status_file.read_text()).get("state") == "finished":
+            return status_file.parent
+    return None
+
+
+# -- scoring -----------------------------------------------------------------------------------------
+def make_scorer(cfg: Config, is_instance: bool):
+    """``score(truth, probabilities) -> float`` and its name, for the validation callback."""
+    from kseg import metrics
+    from kseg.postprocess import instances_from_probabilities
+
+    post = dict(cfg.postprocess)
+    if is_instance:
+        def score(truth, probabilities):
+            return metrics.iou_map(truth, instances_from_probabilities(probabilities, **post))
+        return score, "iou_map"
+
+    target_class = int(cfg.train.get("score_class", 1))
+    threshold = float(post.get("threshold", 0.5))
+
+    def class_iou(truth, probabilities):
+        predicted = probabilities[..., 0] > threshold
+        if target_class == 0:  # e.g. membranes: the complement of the foreground channel
+            return metrics.iou(truth == 0, ~predicted)
+        return metrics.iou(truth == target_class, predicted)
+    return class_iou, f"class{target_class}_iou"
+
+
+def baseline_scores(cfg: Config, data, ids) -> float:
+    """Otsu + connected components (instance data) or Otsu as the mask (semantic) on ``ids``."""
+    from kseg import metrics
+    from kseg.postprocess import otsu_baseline
+
+    scores = []
+    for sample_id in ids:
+        arrays = data.load(sample_id)
+        labels = otsu_baseline(arrays["image"], min_size=int(cfg.postprocess.get("min_size", 8)))
+        truth = arrays["target"]
+        if data.kind == "instance":
+            scores.append(metrics.iou_map(truth, labels))
+        else:
+            target_class = int(cfg.train.get("score_class", 1))
+            predicted = labels > 0
+            scores.append(metrics.iou(truth == 0, ~predicted) if target_class == 0 else
+                          metrics.iou(truth == target_class, predicted))
+    return float(np.mean(scores))
+
+
+# -- model ---------------------------------------------------------------------------------------------
+def build_models(cfg: Config, channels: int):
+    """(inference model, training model) from one builder call."""
+    from kseg.models import build_model
+    from kseg.models.training_graph import build_training_model
+
+    n_out = n_target_channels(cfg.generator.targets)
+    args = dict(cfg.model.args or {})
+    inference = build_model(cfg.model.name, input_shape=(None, None, channels), n_classes=n_out, **args)
+    training = build_training_model(inference, loss=cfg.train.loss, loss_kwargs=dict(cfg.train.loss_args or {}))
+    return inference, training
+
+
+def pad_multiple(inference: keras.Model, cfg: Config) -> int:
+    return int(getattr(inference, "size_divisor", None) or 2 ** int((cfg.model.args or {}).get("depth", 4)))
+
+
+def _optimizer(cfg: Config, steps_per_epoch: int):
+    t = cfg.train
+    rate = float(t.learning_rate)
+    if t.schedule == "cosine":
+        rate = keras.optimizers.schedules.CosineDecay(rate, decay_steps=max(1, t.epochs * steps_per_epoch),
+                                                      alpha=0.05)
+    return keras.optimizers.Adam(learning_rate=rate)
+
+
+# -- train ---------------------------------------------------------------------------------------------
+def train(cfg: Config, run_dir: Path | None = None) -> TrainResult:
+    from kseg.callbacks import (EpochSync, InferenceCheckpoint, LearningRateLogger, TensorBoardImages,
+                                ValidationScore)
+    from kseg.distribute import set_determinism, set_mixed_precision, strategy_scope
+    from kseg.pipeline import kfold_split, make_batches, preprocess_train, strata
+
+    start = time.perf_counter()
+    t = cfg.train
+    set_determinism(int(t.seed), bool(t.deterministic))
+    policy = set_mixed_precision(bool(t.mixed_precision))
+
+    data = preprocess_train(cfg)
+    groups = strata(data, project_path(cfg.dataset.root))
+    train_ids, valid_ids = kfold_split(data.ids, cfg.split.n_folds, cfg.split.fold, cfg.split.seed, groups)
+
+    resumed = run_dir is None and find_resumable_run(cfg)
+    run = run_dir or resumed or new_run_dir(cfg)
+    run = Path(run)
+    run.mkdir(parents=True, exist_ok=True)
+    cfg.dump(run / "config.yaml")
+    _write_status(run, cfg, "running", started=datetime.now().isoformat(timespec="seconds"))
+    print(f"run directory: {run}" + (" (resuming an unfinished run)" if resumed else ""), file=sys.stderr)
+
+    channels = int(cfg.preprocess.channels)
+    scope, placement = strategy_scope()
+    with scope:
+        inference, training = build_models(cfg, channels)
+        divisor = pad_multiple(inference, cfg)
+        train_batches, valid_batches = make_batches(cfg, data, train_ids, valid_ids, pad_multiple=divisor,
+                                                    output="graph")
+        steps = int(t.steps_per_epoch or len(train_batches))
+        training.compile(optimizer=_optimizer(cfg, steps), jit_compile=bool(t.xla))
+    print(f"{placement}; policy {policy}; {inference.count_params():,} parameters; "
+          f"{len(train_ids)} train / {len(valid_ids)} validation images", file=sys.stderr)
+
+    valid_arrays = [data.load(i) for i in valid_ids]
+    valid_images = [a["image"].astype(np.float32) / 255 for a in valid_arrays]
+    valid_truths = [a["target"] for a in valid_arrays]
+    score, score_name = make_scorer(cfg, data.kind == "instance")
+    monitor = f"val_{score_name}"
+    logs_dir = run / "logs"
+    callbacks = [
+        EpochSync(train_batches),
+        ValidationScore(inference, valid_images, valid_truths, score, name=score_name, pad_multiple=divisor,
+                        every=int(t.score_every)),
+        LearningRateLogger(),
+        InferenceCheckpoint(inference, run, monitor=monitor, mode="max"),
+        keras.callbacks.CSVLogger(str(run / "history.csv"), append=True),
+        keras.callbacks.TensorBoard(log_dir=str(logs_dir), write_graph=False),
+        TensorBoardImages(inference, logs_dir, valid_images,
+                          [np.asarray(v) for v in valid_truths],
+                          [a.get("weight", np.ones(a["target"].shape, np.float32)) for a in valid_arrays],
+                          pad_multiple=divisor, every=int(t.image_every)),
+        keras.callbacks.BackupAndRestore(str(run / "backup"), save_freq="epoch", delete_checkpoint=True),
+        keras.callbacks.TerminateOnNaN(raise_error=True),
+    ]
+    if t.schedule == "plateau":
+        callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode="max", factor=0.5,
+                                                           patience=int(t.plateau_patience), min_lr=1e-5))
+    if t.early_stopping:
+        callbacks.append(keras.callbacks.EarlyStopping(monitor=monitor, mode="max", patience=int(t.early_stopping)))
+
+    history = training.fit(train_batches, validation_data=valid_batches, epochs=int(t.epochs),
+                           steps_per_epoch=int(t.steps_per_epoch) if t.steps_per_epoch else None,
+                           callbacks=callbacks, verbose=int(t.verbose))
+
+    best = keras.saving.load_model(run / "best.keras", compile=False) if (run / "best.keras").is_file() else inference
+    final = ValidationScore(best, valid_images, valid_truths, score, name=score_name, pad_multiple=divisor).evaluate()
+    baseline = baseline_scores(cfg, data, valid_ids)
+    seconds = time.perf_counter() - start
+    summary = {"monitor": monitor, "val_score": final, "baseline": baseline, "seconds": round(seconds, 1),
+               "train_images": len(train_ids), "valid_images": len(valid_ids), "placement": placement}
+    atomic_write_text(run / "results.json", json.dumps(summary, indent=1))
+    _write_status(run, cfg, "finished", finished=datetime.now().isoformat(timespec="seconds"), **summary)
+    return TrainResult(run, history.history, final, baseline, monitor, seconds)
