@@ -24,7 +24,7 @@ import keras
 import numpy as np
 
 from kseg.config import Config, project_path
-from kseg.data.targets import n_target_channels
+from kseg.errors import ConfigError
 from kseg.fileio import atomic_write_text
 
 STATUS = "status.json"
@@ -140,15 +140,25 @@ def build_models(cfg: Config, channels: int):
     from kseg.models import build_model
     from kseg.models.training_graph import build_training_model
 
-    n_out = n_target_channels(cfg.generator.targets)
     args = dict(cfg.model.args or {})
-    inference = build_model(cfg.model.name, input_shape=(None, None, channels), n_classes=n_out, **args)
+    targets = cfg.generator.targets
+    if targets == "classes":
+        if int(args.get("n_classes", 0)) < 2 or cfg.train.loss != "ce":
+            raise ConfigError("generator.targets 'classes' needs model.args.n_classes >= 2 (background "
+                              "included) and a softmax loss (train.loss: ce)")
+    else:
+        args.pop("n_classes", None)
+        args["targets"] = targets
+    inference = build_model(cfg.model.name, input_shape=(None, None, channels), **args)
     training = build_training_model(inference, loss=cfg.train.loss, loss_kwargs=dict(cfg.train.loss_args or {}))
     return inference, training
 
 
-def pad_multiple(inference: keras.Model, cfg: Config) -> int:
-    return int(getattr(inference, "size_divisor", None) or 2 ** int((cfg.model.args or {}).get("depth", 4)))
+def pad_multiple(cfg: Config) -> int:
+    """Validation images are padded to a multiple of the model's total stride."""
+    from kseg.models import input_divisor
+
+    return int(input_divisor(cfg.model.name, **dict(cfg.model.args or {})))
 
 
 def _optimizer(cfg: Config, steps_per_epoch: int):
@@ -188,7 +198,7 @@ def train(cfg: Config, run_dir: Path | None = None) -> TrainResult:
     scope, placement = strategy_scope()
     with scope:
         inference, training = build_models(cfg, channels)
-        divisor = pad_multiple(inference, cfg)
+        divisor = pad_multiple(cfg)
         train_batches, valid_batches = make_batches(cfg, data, train_ids, valid_ids, pad_multiple=divisor,
                                                     output="graph")
         steps = int(t.steps_per_epoch or len(train_batches))

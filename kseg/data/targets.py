@@ -19,14 +19,35 @@ from scipy import ndimage
 
 from kseg.errors import ConfigError
 
-TARGETS = {"mask": 1, "mask+border": 2, "mask+center": 2, "classes": 1}
+#: Per-pixel maps an instance target spec can name, one sigmoid channel each, written in the order
+#: the spec names them ("mask+border" -> channel 0 mask, channel 1 border). The model builders
+#: use the same spec for their head, so this is the one place the convention lives.
+CHANNEL_NAMES = ("mask", "border", "center")
+#: Semantic alternative: one channel holding the class index (softmax head, ``ce`` loss).
+CLASSES = "classes"
+
+
+def target_channels(targets: str) -> list[str]:
+    """``"mask+border"`` -> ``["mask", "border"]``; ``"classes"`` -> ``["classes"]``."""
+    if not isinstance(targets, str) or not targets.strip():
+        raise ConfigError(f"targets must be a string such as 'mask+border', got {targets!r}")
+    if targets.strip() == CLASSES:
+        return [CLASSES]
+    names = [t.strip() for t in targets.split("+")]
+    unknown = [t for t in names if t not in CHANNEL_NAMES]
+    if unknown:
+        raise ConfigError(
+            f"unknown target {unknown[0]!r} in {targets!r}; known targets: {', '.join(CHANNEL_NAMES)} "
+            f"(join with '+', e.g. 'mask+border') or {CLASSES!r}"
+        )
+    if len(set(names)) != len(names):
+        raise ConfigError(f"targets {targets!r} names a channel twice")
+    return names
 
 
 def n_target_channels(targets: str) -> int:
-    """How many output channels a model needs for ``targets``."""
-    if targets not in TARGETS:
-        raise ConfigError(f"targets {targets!r} is not one of {sorted(TARGETS)}")
-    return TARGETS[targets]
+    """How many channels the training target for ``targets`` has."""
+    return len(target_channels(targets))
 
 
 def instance_borders(labels: np.ndarray, width: int = 2) -> np.ndarray:
@@ -54,15 +75,14 @@ def instance_centers(labels: np.ndarray, fraction: float = 0.5) -> np.ndarray:
 
 def make_targets(target: np.ndarray, targets: str, is_instance: bool, border_width: int = 2) -> np.ndarray:
     """float32 H x W x C training target for one (augmented) sample."""
-    n_target_channels(targets)
-    if targets == "classes":
+    names = target_channels(targets)
+    if names == [CLASSES]:
         if is_instance:
             raise ConfigError("targets 'classes' needs a semantic (class-index) dataset, not instance labels")
         return target[..., None].astype(np.float32)
-    foreground = target > 0
-    if targets == "mask":
-        return foreground[..., None].astype(np.float32)
-    if not is_instance:
+    if names != ["mask"] and not is_instance:
         raise ConfigError(f"targets {targets!r} needs instance labels; this dataset has class masks")
-    extra = instance_borders(target, border_width) if targets == "mask+border" else instance_centers(target)
-    return np.stack([foreground, extra], axis=-1).astype(np.float32)
+    maps = {"mask": lambda: target > 0,
+            "border": lambda: instance_borders(target, border_width),
+            "center": lambda: instance_centers(target)}
+    return np.stack([maps[name]() for name in names], axis=-1).astype(np.float32)

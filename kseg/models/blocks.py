@@ -25,34 +25,14 @@ import keras
 import numpy as np
 from keras import layers
 
+from kseg.data.targets import CHANNEL_NAMES as TARGET_NAMES  # noqa: F401 (re-exported)
+from kseg.data.targets import target_channels
 from kseg.errors import ConfigError
 
 # ----------------------------------------------------------------------------- output conventions
 
-#: Per-pixel target maps a head can predict, one sigmoid channel each (multi-label), in the
-#: order written: "mask+border" -> channel 0 = mask, channel 1 = touching borders between
-#: instances; "mask+center" -> channel 1 = instance centres/markers (the DSB 2018 winners'
-#: recipe for splitting touching nuclei with a watershed).
-TARGET_NAMES = ("mask", "border", "center")
-
 _ACTIVATIONS = ("sigmoid", "softmax", None)
 AUTO = "auto"
-
-
-def target_channels(targets: str) -> list[str]:
-    """``"mask+border"`` -> ``["mask", "border"]``: the channel order of a multi-label head."""
-    if not isinstance(targets, str) or not targets.strip():
-        raise ConfigError(f"targets must be a string such as 'mask+border', got {targets!r}")
-    names = [t.strip() for t in targets.split("+")]
-    unknown = [t for t in names if t not in TARGET_NAMES]
-    if unknown:
-        raise ConfigError(
-            f"unknown target {unknown[0]!r} in {targets!r}; known targets: "
-            f"{', '.join(TARGET_NAMES)} (join with '+', e.g. 'mask+border')"
-        )
-    if len(set(names)) != len(names):
-        raise ConfigError(f"targets {targets!r} names a channel twice")
-    return names
 
 
 def output_channels(targets: str) -> int:
@@ -71,6 +51,8 @@ def resolve_head(
     given only when they agree. ``activation="auto"``: sigmoid for one channel or for
     ``targets``, softmax (mutually exclusive classes, background included) otherwise.
     """
+    if targets == "classes":  # one class-index target channel: the head has n_classes channels
+        targets = None
     if targets is not None:
         n_out = output_channels(targets)
         if n_classes is not None and int(n_classes) != n_out:
