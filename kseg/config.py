@@ -115,7 +115,17 @@ def load_raw(path: str | Path) -> dict:
     base_path = path.parent / base_name
     if base_path.resolve() == path.resolve():
         raise ConfigError(f"{path}: a config cannot be its own base")
-    return _deep_merge(load_raw(base_path), data)
+    base = load_raw(base_path)
+    merged = _deep_merge(base, data)
+    if _model_name(data) not in (None, _model_name(base)):
+        # Another builder: the base's arguments belong to the base's model, not this one.
+        merged["model"]["args"] = copy.deepcopy(data["model"].get("args") or {})
+    return merged
+
+
+def _model_name(data: Mapping) -> str | None:
+    model = data.get("model")
+    return model.get("name") if isinstance(model, Mapping) else None
 
 
 def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
@@ -220,7 +230,9 @@ def load_config(
     path, override_model = resolve_pipeline(dataset, model, directory)
     data = load_raw(path)
     extra = list(overrides)
-    if override_model and model:
+    if override_model and model and model != _model_name(data):
+        # The pipeline was written for another builder: start from this builder's defaults.
+        data.setdefault("model", {})["args"] = {}
         extra.insert(0, f"model.name={model}")
     if data_root:
         extra.insert(0, f"dataset.root={data_root}")

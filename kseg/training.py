@@ -171,7 +171,10 @@ def _optimizer(cfg: Config, steps_per_epoch: int):
 
 
 # -- train ---------------------------------------------------------------------------------------------
-def train(cfg: Config, run_dir: Path | None = None) -> TrainResult:
+def train(cfg: Config, run_dir: Path | None = None,
+          extra_callbacks: list[keras.callbacks.Callback] | tuple = ()) -> TrainResult:
+    """Fit ``cfg``'s model; resumes the newest unfinished run of the same config unless ``run_dir``
+    is given. ``extra_callbacks`` run after the built-in ones."""
     from kseg.callbacks import (EpochSync, InferenceCheckpoint, LearningRateLogger, TensorBoardImages,
                                 ValidationScore)
     from kseg.distribute import set_determinism, set_mixed_precision, strategy_scope
@@ -232,6 +235,7 @@ def train(cfg: Config, run_dir: Path | None = None) -> TrainResult:
                                                            patience=int(t.plateau_patience), min_lr=1e-5))
     if t.early_stopping:
         callbacks.append(keras.callbacks.EarlyStopping(monitor=monitor, mode="max", patience=int(t.early_stopping)))
+    callbacks.extend(extra_callbacks)
 
     history = training.fit(train_batches, validation_data=valid_batches, epochs=int(t.epochs),
                            steps_per_epoch=int(t.steps_per_epoch) if t.steps_per_epoch else None,

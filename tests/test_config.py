@@ -25,7 +25,19 @@ def test_base_chain_merges_deeply(pipelines):
     assert cfg.train.epochs == 3 and cfg.train.lr == 0.001
     assert cfg.model.name == "unet" and cfg.model.args.depth == 4
     fcn = load_config("toy", model="fcn", directory=pipelines)
-    assert fcn.model.name == "fcn" and fcn.train.epochs == 3 and fcn.model.args.depth == 4
+    assert fcn.model.name == "fcn" and fcn.train.epochs == 3
+    # The U-Net's arguments do not leak into another builder (fcn has no ``depth``).
+    assert fcn.model.args.to_dict() == {}
+
+
+def test_another_builder_keeps_only_its_own_arguments(pipelines):
+    write(pipelines / "toy_fcn.yaml", "base: toy.yaml\nmodel: {name: fcn, args: {variant: 8s}}\n")
+    assert load_config("toy", model="fcn", directory=pipelines).model.args.to_dict() == {"variant": "8s"}
+    # Same builder: arguments merge as every other section does.
+    write(pipelines / "wide.yaml", "base: toy.yaml\ndataset: {name: wide}\nmodel: {args: {base_filters: 32}}\n")
+    assert load_config("wide", directory=pipelines).model.args.to_dict() == {"depth": 4, "base_filters": 32}
+    # MODEL= naming a builder without its own pipeline starts from that builder's defaults.
+    assert load_config("toy", model="segnet", directory=pipelines).model.args.to_dict() == {}
 
 
 def test_registry_lists_dataset_model_pairs(pipelines):

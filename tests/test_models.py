@@ -28,7 +28,7 @@ from kseg.models import (
     target_channels,
 )
 from kseg.models.backbones import load_encoder_weights
-from kseg.models.blocks import resolve_head
+from kseg.models.blocks import ImageStandardization, resolve_head
 
 TINY_FCN = dict(width=2, convs_per_block=(1, 1, 1, 1, 1), fc_width=8, fc_kernel=3)
 TINY_UNET = dict(depth=2, base_filters=4)
@@ -389,6 +389,29 @@ def test_tiny_unet_overfits_four_images():
     assert accuracy > 0.97 and iou > 0.9, (accuracy, iou)
 
 
+def test_image_standardization_layer_and_option(tmp_path):
+    rng = np.random.default_rng(1)
+    # Two images of very different exposure; after the layer each channel has mean 0 and std 1.
+    images = np.stack([rng.random((16, 16, 3)) * 0.05, 0.5 + rng.random((16, 16, 3)) * 0.5]).astype(np.float32)
+    out = keras.ops.convert_to_numpy(ImageStandardization()(images))
+    np.testing.assert_allclose(out.mean(axis=(1, 2)), 0.0, atol=1e-5)
+    np.testing.assert_allclose(out.std(axis=(1, 2)), 1.0, atol=1e-4)
+    # A flat image is not blown up: its standard deviation is floored at min_std.
+    flat = np.full((1, 8, 8, 1), 0.3, np.float32)
+    flat[0, 0, 0, 0] = 0.3 + 1e-4
+    assert np.abs(keras.ops.convert_to_numpy(ImageStandardization(min_std=0.01)(flat))).max() < 0.02
+    # The option is part of the saved inference model, and it makes the model exposure-invariant.
+    model = build_model("unet", input_shape=(None, None, 3), depth=2, base_filters=4, input_norm="image")
+    x = rng.random((1, 32, 32, 3)).astype(np.float32)
+    y = keras.ops.convert_to_numpy(model(x))
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(model(0.1 * x)), y, atol=1e-5)
+    model.save(tmp_path / "m.keras")
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(keras.saving.load_model(tmp_path / "m.keras")(x)), y,
+                               atol=1e-6)
+    with pytest.raises(ConfigError, match="input_norm"):
+        build_model("unet", input_shape=(None, None, 3), depth=2, input_norm="minmax")
+
+
 @pytest.mark.jax
 @pytest.mark.slow
 def test_builders_run_on_jax_backend():
@@ -398,8 +421,8 @@ def test_builders_run_on_jax_backend():
         import tempfile, numpy as np, keras
         from kseg.models import build_model
         assert keras.backend.backend() == "jax"
-        for name, kw in [("unet", dict(depth=2, base_filters=4, residual=True)),
-                         ("fcn8s", dict(width=2, convs_per_block=(1,) * 5, fc_width=8))]:
+        for name, kw in [("unet", dict(depth=2, base_filters=4, residual=True, input_norm="image")),
+                         ("fcn8s", dict(width=2, convs_per_block=(1,) * 5, fc_width=8, input_norm="image"))]:
             m = build_model(name, input_shape=(None, None, 3), **kw)
             x = np.random.default_rng(0).random((1, 32, 32, 3), dtype=np.float32)
             y = keras.ops.convert_to_numpy(m(x))

@@ -60,6 +60,7 @@ class PreprocessSettings:
     size: tuple[int, int] | None = None  # (height, width)
     channels: int = 3
     weight_map: str = "unet"
+    class_weights: str = "balanced"  # balanced: inverse class frequency per image | none: 1 for every class
     w0: float = 10.0
     sigma: float = 5.0
     n_jobs: int = 2
@@ -75,6 +76,8 @@ class PreprocessSettings:
             raise ConfigError(f"preprocess.mode={self.mode} needs preprocess.size: [height, width]")
         if self.weight_map not in WEIGHT_MAPS:
             raise ConfigError(f"preprocess.weight_map {self.weight_map!r} is not one of {WEIGHT_MAPS}")
+        if self.class_weights not in ("balanced", "none"):
+            raise ConfigError(f"preprocess.class_weights {self.class_weights!r} must be 'balanced' or 'none'")
         if self.on_error not in ("raise", "skip"):
             raise ConfigError(f"preprocess.on_error {self.on_error!r} must be 'raise' or 'skip'")
         if self.channels not in (1, 3):
@@ -195,17 +198,19 @@ def process_sample(sample: Sample, settings: PreprocessSettings) -> dict[str, np
     if target is None:
         return arrays
     arrays["target"] = np.ascontiguousarray(target)
+    class_weights = None if settings.class_weights == "none" else settings.class_weights
     if settings.weight_map == "none":
         weight = np.ones(target.shape, np.float32)
     elif settings.weight_map == "balance" or sample.labels is None and target.max() > 1:
-        weight = class_balance_map(target)
+        weight = class_balance_map(target, class_weights)
     elif sample.labels is not None:
-        weight = unet_weight_map(target, w0=settings.w0, sigma=settings.sigma)
+        weight = unet_weight_map(target, w0=settings.w0, sigma=settings.sigma, class_weights=class_weights)
     else:
         # Binary semantic masks (e.g. cells between membranes): the border term separates the
         # connected foreground regions, as in the U-Net paper's EM experiments.
         regions = cv2.connectedComponents(target.astype(np.uint8), connectivity=4)[1]
-        weight = unet_weight_map(regions.astype(np.int32), w0=settings.w0, sigma=settings.sigma)
+        weight = unet_weight_map(regions.astype(np.int32), w0=settings.w0, sigma=settings.sigma,
+                                 class_weights=class_weights)
     if valid is not None:
         weight = weight * valid  # padded pixels carry no loss
     arrays["weight"] = weight.astype(np.float32)

@@ -239,3 +239,39 @@ class BilinearUpsampleInitializer(keras.initializers.Initializer):
 
     def get_config(self):
         return {}
+
+
+# ----------------------------------------------------------------------------- input normalisation
+
+INPUT_NORMS = (None, "image")
+
+
+@keras.saving.register_keras_serializable(package="kseg")
+class ImageStandardization(layers.Layer):
+    """Each image (or crop) to zero mean and unit variance per channel, inside the model.
+
+    Microscopy images differ by orders of magnitude in exposure (dim fluorescence next to
+    bright-field); standardising each one lets the convolutions see shapes rather than exposure,
+    and being a layer it travels with every saved inference model. ``min_std`` keeps a flat
+    background crop from having its noise blown up.
+    """
+
+    def __init__(self, min_std: float = 0.01, **kwargs):
+        super().__init__(**kwargs)
+        self.min_std = float(min_std)
+
+    def call(self, images):
+        images = keras.ops.cast(images, self.compute_dtype)
+        mean = keras.ops.mean(images, axis=(1, 2), keepdims=True)
+        variance = keras.ops.mean(keras.ops.square(images - mean), axis=(1, 2), keepdims=True)
+        return (images - mean) / keras.ops.maximum(keras.ops.sqrt(variance), self.min_std)
+
+    def get_config(self):
+        return {**super().get_config(), "min_std": self.min_std}
+
+
+def input_normalization(inputs, method: str | None):
+    """Apply the ``input_norm`` option of a builder: None (as given) or ``"image"`` (standardise)."""
+    if method not in INPUT_NORMS:
+        raise ConfigError(f"input_norm must be one of {INPUT_NORMS}, got {method!r}")
+    return inputs if method is None else ImageStandardization(name="input_norm")(inputs)

@@ -26,6 +26,7 @@ from kseg.models.blocks import (
     AUTO,
     BilinearUpsampleInitializer,
     check_input_size,
+    input_normalization,
     output_head,
     resolve_head,
 )
@@ -63,6 +64,7 @@ def fcn(
     batch_norm: bool = False,
     activation: str | None = AUTO,
     encoder_weights: str | Path | None = None,
+    input_norm: str | None = None,
     name: str | None = None,
 ) -> keras.Model:
     """Build the FCN inference model: image (B, H, W, C) -> per-pixel output (B, H, W, n_out).
@@ -79,6 +81,7 @@ def fcn(
         batch_norm: BatchNorm in the backbone (for training from scratch; not VGG16 weights).
         encoder_weights: local VGG16 (include_top=False) weights file copied into the
             backbone by layer name; needs width=64, default convs_per_block, no batch norm.
+        input_norm: None or ``"image"`` (per-image standardisation, see ``unet``).
     """
     if variant not in FCN_VARIANTS:
         raise ConfigError(f"FCN variant must be one of {', '.join(FCN_VARIANTS)}, got {variant!r}")
@@ -94,7 +97,7 @@ def fcn(
     fc_width = int(fc_width or 64 * width)
 
     inputs = keras.Input(shape=tuple(input_shape), name="image")
-    feats = vgg_backbone(inputs, width=width, convs_per_block=convs_per_block,
+    feats = vgg_backbone(input_normalization(inputs, input_norm), width=width, convs_per_block=convs_per_block,
                          batch_norm=batch_norm)
     x = layers.Conv2D(fc_width, fc_kernel, padding="same", activation="relu",
                       name="fc6")(feats["block5_pool"])

@@ -22,6 +22,7 @@ from kseg.models.blocks import (
     AUTO,
     check_input_size,
     conv_block,
+    input_normalization,
     resolve_head,
     residual_block,
     segmentation_head,
@@ -57,6 +58,7 @@ def unet(
     activation: str | None = AUTO,
     encoder: str | None = None,
     encoder_weights: str | Path | None = None,
+    input_norm: str | None = None,
     name: str = "unet",
 ) -> keras.Model:
     """Build the U-Net inference model: image (B, H, W, C) -> per-pixel output (B, H, W, n_out).
@@ -80,6 +82,8 @@ def unet(
             own input scaling: ``kseg.models.backbones.encoder_preprocess``).
         encoder_weights: local weights file for the encoder (include_top=False); never
             downloaded.
+        input_norm: None (inputs as given) or ``"image"`` (each image standardised per channel
+            by an ``ImageStandardization`` layer; plain encoder only).
     """
     n_out, activation = resolve_head(n_classes, targets, activation)
     if len(input_shape) != 3:
@@ -90,6 +94,8 @@ def unet(
         raise ConfigError(f"dropout must be in [0, 1), got {dropout}")
     if int(base_filters) < 1:
         raise ConfigError(f"base_filters must be >= 1, got {base_filters}")
+    if input_norm is not None and encoder is not None:
+        raise ConfigError("input_norm applies to the plain U-Net; an encoder expects its own input scaling")
     if encoder_weights is not None and encoder is None:
         raise ConfigError("encoder_weights needs an encoder ('resnet50', 'efficientnetb0', 'vgg16')")
     depth = unet_depth(depth, encoder)
@@ -102,7 +108,7 @@ def unet(
 
     skips: dict[int, Any] = {}
     if encoder is None:
-        x = inputs
+        x = input_normalization(inputs, input_norm)
         for i in range(depth):
             x = block(x, base_filters * 2**i, batch_norm=batch_norm, name=f"enc{i}")
             skips[2**i] = x
