@@ -40,12 +40,14 @@ demo-data: $(STAMP)
 preprocess: $(STAMP)
 	$(PY) -m kseg preprocess $(OPTS)
 
-# Until the training command exists, the main job is the data path: demo data, cached
-# parallel preprocessing and one pass of augmented batches.
+# The data path alone: demo data, cached parallel preprocessing and one pass of augmented batches.
 demo: $(STAMP)
 	$(PY) -m kseg demo $(OPTS)
 
-train: demo
+# Trains DATASET's pipeline (default: the synthetic demo, generated on first use); an unfinished
+# run with the same config is resumed.
+train: $(STAMP)
+	$(PY) -m kseg train $(OPTS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -76,7 +76,10 @@ def cmd_train(args) -> int:
     result = train(_config(args))
     print(f"run: {result.run_dir}")
     print(f"{result.monitor} (best checkpoint): {result.val_score:.4f}")
-    print(f"classical baseline (Otsu threshold + connected components) on the same split: {result.baseline_score:.4f}")
+    names = {"otsu": "classical baseline (Otsu threshold; + connected components for instances)",
+             "all_foreground": "trivial prediction (every pixel foreground)"}
+    for key, value in result.baselines.items():
+        print(f"{names.get(key, key)} on the same split: {value:.4f}")
     print(f"time: {result.seconds / 60:.1f} min")
     return 0
 

@@ -35,7 +35,7 @@ class TrainResult:
     run_dir: Path
     history: dict
     val_score: float
-    baseline_score: float
+    baselines: dict
     monitor: str
     seconds: float
 
@@ -114,24 +114,33 @@ def make_scorer(cfg: Config, is_instance: bool):
     return class_iou, f"class{target_class}_iou"
 
 
-def baseline_scores(cfg: Config, data, ids) -> float:
-    """Otsu + connected components (instance data) or Otsu as the mask (semantic) on ``ids``."""
+def baseline_scores(cfg: Config, data, ids) -> dict[str, float]:
+    """Classical baselines on ``ids``: Otsu + connected components (instance data) or Otsu as the
+    mask (semantic data, plus the trivial prediction "every pixel is foreground")."""
     from kseg import metrics
     from kseg.postprocess import otsu_baseline
 
-    scores = []
+    target_class = int(cfg.train.get("score_class", 1))
+
+    def semantic(truth, predicted):
+        if target_class == 0:
+            return metrics.iou(truth == 0, ~predicted)
+        return metrics.iou(truth == target_class, predicted)
+
+    otsu, trivial = [], []
     for sample_id in ids:
         arrays = data.load(sample_id)
         labels = otsu_baseline(arrays["image"], min_size=int(cfg.postprocess.get("min_size", 8)))
         truth = arrays["target"]
         if data.kind == "instance":
-            scores.append(metrics.iou_map(truth, labels))
+            otsu.append(metrics.iou_map(truth, labels))
         else:
-            target_class = int(cfg.train.get("score_class", 1))
-            predicted = labels > 0
-            scores.append(metrics.iou(truth == 0, ~predicted) if target_class == 0 else
-                          metrics.iou(truth == target_class, predicted))
-    return float(np.mean(scores))
+            otsu.append(semantic(truth, labels > 0))
+            trivial.append(semantic(truth, np.ones(truth.shape, bool)))
+    scores = {"otsu": float(np.mean(otsu))}
+    if trivial:
+        scores["all_foreground"] = float(np.mean(trivial))
+    return scores
 
 
 # -- model ---------------------------------------------------------------------------------------------
@@ -241,12 +250,14 @@ def train(cfg: Config, run_dir: Path | None = None,
                            steps_per_epoch=int(t.steps_per_epoch) if t.steps_per_epoch else None,
                            callbacks=callbacks, verbose=int(t.verbose))
 
-    best = keras.saving.load_model(run / "best.keras", compile=False) if (run / "best.keras").is_file() else inference
+    from kseg.models import load_model
+
+    best = load_model(run / "best.keras") if (run / "best.keras").is_file() else inference
     final = ValidationScore(best, valid_images, valid_truths, score, name=score_name, pad_multiple=divisor).evaluate()
-    baseline = baseline_scores(cfg, data, valid_ids)
+    baselines = baseline_scores(cfg, data, valid_ids)
     seconds = time.perf_counter() - start
-    summary = {"monitor": monitor, "val_score": final, "baseline": baseline, "seconds": round(seconds, 1),
+    summary = {"monitor": monitor, "val_score": final, "baselines": baselines, "seconds": round(seconds, 1),
                "train_images": len(train_ids), "valid_images": len(valid_ids), "placement": placement}
     atomic_write_text(run / "results.json", json.dumps(summary, indent=1))
     _write_status(run, cfg, "finished", finished=datetime.now().isoformat(timespec="seconds"), **summary)
-    return TrainResult(run, history.history, final, baseline, monitor, seconds)
+    return TrainResult(run, history.history, final, baselines, monitor, seconds)

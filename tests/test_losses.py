@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
+from backends import run_on_jax
 
 from kseg import losses
 from kseg.errors import ConfigError
@@ -366,9 +363,4 @@ def test_losses_and_metrics_agree_on_jax():
         print("ok")
         """
     )
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, KERAS_BACKEND="jax")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+    run_on_jax(code)

@@ -3,15 +3,12 @@ specifics (input-size checks, bilinear initialiser, encoders, a tiny overfit run
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
+from backends import run_on_jax
 
 from kseg.errors import ConfigError
 from kseg.models import (
@@ -434,9 +431,4 @@ def test_builders_run_on_jax_backend():
         print("ok")
         """
     )
-    env = dict(os.environ, KERAS_BACKEND="jax")
-    root = Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=root,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+    run_on_jax(code)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fixtures_datasets import (imwrite, random_image, same_partition, write_csv_rle_dataset, write_dsb_dataset,
-                               write_gif, write_paired_dataset)
+                               write_paired_dataset)
 
 from kseg.errors import ConfigError, DataError, RLEError
 from kseg.io.csv_rle import CsvRleReader

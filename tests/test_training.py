@@ -50,7 +50,7 @@ def test_run_directory_holds_checkpoints_logs_and_scores(demo_root, tmp_path):
     assert json.loads((run / "status.json").read_text())["state"] == "finished"
     results = json.loads((run / "results.json").read_text())
     assert results["val_score"] == pytest.approx(result.val_score)
-    assert 0.0 <= results["baseline"] <= 1.0
+    assert 0.0 <= results["baselines"]["otsu"] <= 1.0
     # The best checkpoint is an image-only model that predicts mask + border probabilities.
     model = keras.saving.load_model(run / "best.keras", compile=False)
     probabilities = keras.ops.convert_to_numpy(model(np.zeros((1, 32, 32, 3), np.float32)))

@@ -25,6 +25,17 @@ from kseg.models.registry import (
 )
 from kseg.models.unet import unet
 
+
+def load_model(path):
+    """Load a saved ``.keras`` model (e.g. a run's ``best.keras``) without compiling it.
+
+    Importing this package registers kseg's custom layers and initializers, which Keras needs
+    to rebuild a saved model; always load through here (or import ``kseg.models`` first).
+    """
+    import keras
+
+    return keras.saving.load_model(path, compile=False)
+
 __all__ = [
     "ENCODERS",
     "TARGET_NAMES",
@@ -41,6 +52,7 @@ __all__ = [
     "get_model_entry",
     "input_divisor",
     "list_models",
+    "load_model",
     "nearest_valid_sizes",
     "output_channels",
     "register_model",

@@ -28,7 +28,6 @@ import numpy as np
 from keras import layers
 
 from kseg.errors import ConfigError
-from kseg.models.blocks import conv_bn_relu
 
 
 @dataclass(frozen=True)
