@@ -14,6 +14,14 @@ DATA    ?=
 RUN     ?=
 SET     ?=
 N_JOBS  ?=
+# make submit / tune / validate / evaluate: RUN is a run directory (several, space-separated, are
+# averaged); TEST_DIR a test images folder in the dataset's layout; SAMPLE a sample submission CSV
+# whose ids define the rows; FILE a submission CSV (default: the newest); SOLUTION a ground truth.
+TEST_DIR ?=
+SAMPLE   ?=
+FILE     ?=
+SOLUTION ?=
+KAGGLE   ?=
 
 # Optional command-line pieces, present only when the variable is set.
 OPTS = --dataset $(DATASET) \
@@ -24,7 +32,14 @@ OPTS = --dataset $(DATASET) \
        $(if $(N_JOBS),--set preprocess.n_jobs=$(N_JOBS)) \
        $(foreach s,$(SET),--set $(s))
 
-.PHONY: setup demo-data preprocess demo train test test-fast bench tensorboard clean
+# Commands that start from a trained run rather than a pipeline.
+RUN_OPTS = --dataset $(DATASET) \
+           $(foreach r,$(RUN),--run $(r)) \
+           $(if $(DATA),--data $(DATA)) \
+           $(foreach s,$(SET),--set $(s))
+FILE_OPTS = $(if $(TEST_DIR),--test-dir $(TEST_DIR))
+
+.PHONY: setup demo-data preprocess demo train submit tune validate evaluate test test-fast bench tensorboard clean
 
 setup: $(STAMP)
 
@@ -48,6 +63,24 @@ demo: $(STAMP)
 # run with the same config is resumed.
 train: $(STAMP)
 	$(PY) -m kseg train $(OPTS)
+
+# Predicts the test set with the newest finished run of DATASET (or RUN=dir), writes
+# submissions/<dataset>-<run>-<time>.csv and .png (outlines), and fails if the CSV does not validate.
+# KAGGLE=1 uploads it with the kaggle CLI.
+submit: $(STAMP)
+	$(PY) -m kseg submit $(RUN_OPTS) $(FILE_OPTS) $(if $(SAMPLE),--sample $(SAMPLE)) $(if $(filter 1 yes true,$(KAGGLE)),--kaggle)
+
+# Tunes threshold and minimum object size on the run's validation split -> runs/<run>/postprocess.json,
+# which make submit then uses in preference to the config's postprocess section.
+tune: $(STAMP)
+	$(PY) -m kseg tune $(RUN_OPTS)
+
+validate: $(STAMP)
+	$(PY) -m kseg validate $(FILE) $(OPTS) $(FILE_OPTS) $(if $(SAMPLE),--sample $(SAMPLE))
+
+# Scores FILE against SOLUTION (default: the dataset's solution CSV, e.g. the demo's stage1_solution.csv).
+evaluate: $(STAMP)
+	$(PY) -m kseg evaluate $(FILE) $(if $(SOLUTION),--solution $(SOLUTION)) $(OPTS) $(FILE_OPTS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

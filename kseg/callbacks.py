@@ -17,17 +17,7 @@ import keras
 import numpy as np
 
 from kseg.fileio import atomic_write_text
-
-
-def predict_image(model: keras.Model, image: np.ndarray, pad_multiple: int) -> np.ndarray:
-    """Probabilities for one H x W x C float image, zero-padded to the model's divisor and cropped back."""
-    height, width = image.shape[:2]
-    padded_h = -(-height // pad_multiple) * pad_multiple
-    padded_w = -(-width // pad_multiple) * pad_multiple
-    batch = np.zeros((1, padded_h, padded_w, image.shape[2]), np.float32)
-    batch[0, :height, :width] = image
-    probabilities = keras.ops.convert_to_numpy(model(batch, training=False))
-    return probabilities[0, :height, :width].astype(np.float32)
+from kseg.predict import predict_image
 
 
 def _sync_weights(callback: keras.callbacks.Callback) -> None:

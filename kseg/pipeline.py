@@ -100,6 +100,7 @@ def make_batches(cfg: Config, data: PreprocessedDataset, train_ids, valid_ids, *
     train = SegmentationBatches(
         data, train_ids, batch_size=g.batch_size, crop_size=crop, seed=g.seed, shuffle=True,
         augment=build_augmentation(cfg.augment.pipeline, crop_size=crop, seed=g.seed),
-        workers=g.workers, use_multiprocessing=g.use_multiprocessing, max_queue_size=g.max_queue_size, **common)
+        workers=g.workers, use_multiprocessing=g.use_multiprocessing, max_queue_size=g.max_queue_size,
+        steps_per_epoch=cfg.train.get("steps_per_epoch"), **common)
     valid = SegmentationBatches(data, valid_ids, batch_size=1, crop_size=None, shuffle=False, seed=g.seed, **common)
     return train, valid

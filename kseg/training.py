@@ -213,7 +213,7 @@ def train(cfg: Config, run_dir: Path | None = None,
         divisor = pad_multiple(cfg)
         train_batches, valid_batches = make_batches(cfg, data, train_ids, valid_ids, pad_multiple=divisor,
                                                     output="graph")
-        steps = int(t.steps_per_epoch or len(train_batches))
+        steps = len(train_batches)
         training.compile(optimizer=_optimizer(cfg, steps), jit_compile=bool(t.xla))
     print(f"{placement}; policy {policy}; {inference.count_params():,} parameters; "
           f"{len(train_ids)} train / {len(valid_ids)} validation images", file=sys.stderr)
@@ -247,7 +247,6 @@ def train(cfg: Config, run_dir: Path | None = None,
     callbacks.extend(extra_callbacks)
 
     history = training.fit(train_batches, validation_data=valid_batches, epochs=int(t.epochs),
-                           steps_per_epoch=int(t.steps_per_epoch) if t.steps_per_epoch else None,
                            callbacks=callbacks, verbose=int(t.verbose))
 
     from kseg.models import load_model

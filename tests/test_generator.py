@@ -102,6 +102,24 @@ def test_training_batches_shapes_and_determinism(cached):
     assert not np.array_equal(make(8)[0][0], make(7)[0][0])
 
 
+def test_steps_per_epoch_repeats_the_samples_in_fresh_permutations(cached):
+    crop = build_augmentation("none", crop_size=(32, 32))
+    batches = SegmentationBatches(cached, batch_size=2, crop_size=(32, 32), augment=crop, seed=3, steps_per_epoch=6)
+    assert len(batches) == 6  # 12 samples from 5 images: fit never runs out of data
+    order = batches._order
+    assert order.size == 12
+    # Every complete pass is a permutation of all five samples; passes differ.
+    assert sorted(order[:5]) == sorted(order[5:10]) == list(range(5))
+    assert not np.array_equal(order[:5], order[5:10])
+    assert all(batches[i][0].shape == (2, 32, 32, 3) for i in range(6))
+    with pytest.raises(IndexError):
+        batches[6]
+    again = SegmentationBatches(cached, batch_size=2, crop_size=(32, 32), augment=crop, seed=3, steps_per_epoch=6)
+    np.testing.assert_array_equal(again._order, order)
+    batches.on_epoch_end()
+    assert not np.array_equal(batches._order, order)
+
+
 def test_validation_batches_pad_to_multiple_with_zero_weight(cached):
     batches = SegmentationBatches(cached, batch_size=5, crop_size=None, shuffle=False, pad_multiple=16)
     x, y, w = batches[0]

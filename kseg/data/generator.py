@@ -29,6 +29,9 @@ IN_MEMORY_LIMIT_BYTES = 2 * 1024**3
 class SegmentationBatches(keras.utils.PyDataset):
     """Batches for ``model.fit``.
 
+    ``steps_per_epoch`` fixes the epoch length in batches (samples repeat in fresh permutations when
+    it asks for more than one pass), so ``model.fit`` never runs out of data.
+
     Training (``crop_size`` set): each sample is randomly cropped to ``crop_size`` (zero-padded
     with weight 0 when smaller), then augmented. Evaluation (``crop_size=None``): whole images,
     each batch zero-padded to a common size that is a multiple of ``pad_multiple`` (2**depth for a
@@ -53,6 +56,7 @@ class SegmentationBatches(keras.utils.PyDataset):
         workers: int = 1,
         use_multiprocessing: bool = False,
         max_queue_size: int = 10,
+        steps_per_epoch: int | None = None,
     ):
         super().__init__(workers=workers, use_multiprocessing=use_multiprocessing, max_queue_size=max_queue_size)
         if output not in ("tuple", "graph"):
@@ -70,6 +74,7 @@ class SegmentationBatches(keras.utils.PyDataset):
         self.shuffle = shuffle
         self.seed = int(seed)
         self.output = output
+        self.steps_per_epoch = int(steps_per_epoch) if steps_per_epoch else None
         self.is_instance = data.kind == "instance"
         self.epoch = 0
         self._order = self._epoch_order(0)
@@ -79,13 +84,13 @@ class SegmentationBatches(keras.utils.PyDataset):
 
     # -- keras.utils.PyDataset ------------------------------------------------------------------
     def __len__(self) -> int:
-        return math.ceil(len(self.ids) / self.batch_size)
+        return self.steps_per_epoch or math.ceil(len(self.ids) / self.batch_size)
 
     def __getitem__(self, index: int):
         if index >= len(self):
             raise IndexError(f"batch {index} of {len(self)}")
         start = index * self.batch_size
-        positions = range(start, min(start + self.batch_size, len(self.ids)))
+        positions = range(start, min(start + self.batch_size, len(self._order)))
         samples = [self.sample(position) for position in positions]
         batch = self._collate(samples)
         return self.as_graph_inputs(batch) if self.output == "graph" else batch
@@ -102,9 +107,16 @@ class SegmentationBatches(keras.utils.PyDataset):
         self._order = self._epoch_order(self.epoch)
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
+        """Sample indices of one epoch: one pass, or as many passes as ``steps_per_epoch`` needs."""
+        n = len(self.ids)
+        passes = 1 if not self.steps_per_epoch else math.ceil(self.steps_per_epoch * self.batch_size / n)
         if not self.shuffle:
-            return np.arange(len(self.ids))
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.ids))
+            order = np.tile(np.arange(n), passes)
+        elif passes == 1:
+            order = np.random.default_rng([self.seed, epoch]).permutation(n)
+        else:
+            order = np.concatenate([np.random.default_rng([self.seed, epoch, k]).permutation(n) for k in range(passes)])
+        return order[: self.steps_per_epoch * self.batch_size] if self.steps_per_epoch else order
 
     def _load(self, sample_id: str) -> dict[str, np.ndarray]:
         return self._cache[sample_id] if self._cache is not None else self.data.load(sample_id)

@@ -1,0 +1,122 @@
+"""Tune post-processing (threshold, minimum object size, marker threshold) on a run's validation
+split and save the best values beside the checkpoint as ``postprocess.json``.
+
+The split is the one training held out (same cache, strata and ``kfold_split`` arguments from the
+run's config), and predictions go through the same path as ``make submit``: original-size images,
+the run's TTA and tiling, probabilities mapped back to the original size, then the submission
+format's post-processing and metric. The config's own values are always a candidate, so the saved
+values never score below them on this split.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from kseg.errors import ConfigError
+
+TUNED_NAME = "postprocess.json"
+DEFAULT_THRESHOLDS = tuple(np.round(np.arange(0.30, 0.701, 0.05), 2).tolist())
+DEFAULT_MIN_SIZES = (0, 4, 8, 16, 32, 64, 128)
+
+
+def validation_split(cfg) -> tuple[object, list[str]]:
+    """(training reader, validation ids) exactly as the run's training split them."""
+    from kseg.config import project_path
+    from kseg.pipeline import kfold_split, preprocess_train, strata, train_reader
+
+    data = preprocess_train(cfg)
+    groups = strata(data, project_path(cfg.dataset.root))
+    _, valid_ids = kfold_split(data.ids, cfg.split.n_folds, cfg.split.fold, cfg.split.seed, groups)
+    return train_reader(cfg), valid_ids
+
+
+def _grid(base: dict, methods: Sequence[str], thresholds: Sequence[float], min_sizes: Sequence[int]):
+    yield dict(base)
+    for method, threshold, min_size in itertools.product(methods, thresholds, min_sizes):
+        yield {**base, "method": method, "threshold": float(threshold), "min_size": int(min_size)}
+
+
+def tune_postprocess(run_dir: str | Path, overrides: Sequence[str] = (), thresholds: Sequence[float] | None = None,
+                     min_sizes: Sequence[int] | None = None, marker_thresholds: Sequence[float] | None = None,
+                     methods: Sequence[str] | None = None, limit: int | None = None,
+                     progress: bool = True) -> dict:
+    """Grid-search post-processing on the validation split; write and return ``postprocess.json``.
+
+    Threshold x min_size (x method, when several are given) are searched jointly; for the
+    ``markers`` method the marker threshold is then searched with the best pair fixed.
+    """
+    from tqdm.auto import tqdm
+
+    from kseg.evaluate import score_image
+    from kseg.fileio import atomic_write_text
+    from kseg.predict import Predictor, load_run
+    from kseg.submit import POSTPROCESS_KEYS, get_format, probabilities_to_target
+
+    run_dir = Path(run_dir)
+    member = load_run(run_dir, overrides=overrides, checkpoint=_checkpoint(run_dir, overrides))
+    cfg = member.cfg
+    fmt = get_format(cfg.submission.format)
+    targets_spec = cfg.generator.targets
+    reader, valid_ids = validation_split(cfg)
+    if limit:
+        valid_ids = valid_ids[:int(limit)]
+    if not valid_ids:
+        raise ConfigError("the validation split is empty; nothing to tune on")
+    predictor = Predictor([member])
+    cases = []
+    for sample_id in tqdm(valid_ids, desc="validation predictions", unit="img", disable=not progress, file=sys.stderr):
+        sample = reader.load(sample_id)
+        cases.append((sample.target, predictor.predict(sample.image)))
+
+    def mean_score(params: dict) -> float:
+        return float(np.mean([score_image(truth, probabilities_to_target(probs, fmt, params, targets_spec), fmt.metric)
+                              for truth, probs in cases]))
+
+    base = {k: cfg.postprocess[k] for k in POSTPROCESS_KEYS if k in cfg.postprocess}
+    instance_output = fmt.rows == "instance" and targets_spec != "classes"
+    configured = base.get("method", "components")
+    methods = list(methods or [configured]) if instance_output else [configured]
+    grid = list(_grid(base, methods, thresholds or DEFAULT_THRESHOLDS, min_sizes or DEFAULT_MIN_SIZES))
+    scores = []
+    best, best_score = dict(base), -np.inf
+    for params in tqdm(grid, desc="post-processing grid", unit="setting", disable=not progress, file=sys.stderr):
+        score = mean_score(params)
+        scores.append({**params, "score": score})
+        if score > best_score:  # strictly better: ties keep the earlier (config first) setting
+            best, best_score = params, score
+    config_score = scores[0]["score"]
+    if instance_output and best.get("method") == "markers":
+        for marker in marker_thresholds or DEFAULT_THRESHOLDS:
+            params = {**best, "marker_threshold": float(marker)}
+            score = mean_score(params)
+            scores.append({**params, "score": score})
+            if score > best_score:
+                best, best_score = params, score
+    record = {
+        "params": best,
+        "score": best_score,
+        "config_score": config_score,
+        "metric": fmt.metric,
+        "format": fmt.name,
+        "images": len(valid_ids),
+        "split": {"n_folds": cfg.split.n_folds, "fold": cfg.split.fold, "seed": cfg.split.seed},
+        "checkpoint": member.checkpoint,
+        "tta": list(predictor.tta),
+        "tuned": datetime.now().isoformat(timespec="seconds"),
+        "grid": scores,
+    }
+    atomic_write_text(run_dir / TUNED_NAME, json.dumps(record, indent=1))
+    return record
+
+
+def _checkpoint(run_dir: Path, overrides: Sequence[str]) -> str:
+    from kseg.predict import run_config
+
+    return str((run_config(run_dir, overrides).get("predict") or {}).get("checkpoint", "best"))
