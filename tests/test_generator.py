@@ -130,10 +130,12 @@ def test_validation_batches_pad_to_multiple_with_zero_weight(cached):
     assert set(graph) == {"image", "target", "weight_map"}
 
 
-def test_worker_processes_give_the_same_batches(cached):
-    kwargs = dict(batch_size=2, crop_size=(32, 32), seed=1, augment=build_augmentation("flips", crop_size=(32, 32)))
+@pytest.mark.parametrize("processes", [True, False], ids=["processes", "threads"])
+def test_workers_give_the_same_batches(cached, processes):
+    kwargs = dict(batch_size=2, crop_size=(32, 32), seed=1, steps_per_epoch=12,
+                  augment=build_augmentation("microscopy", crop_size=(32, 32)))
     serial = SegmentationBatches(cached, **kwargs)
-    parallel = SegmentationBatches(cached, workers=2, use_multiprocessing=True, **kwargs)
+    parallel = SegmentationBatches(cached, workers=2, use_multiprocessing=processes, **kwargs)
     from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
 
     adapter = PyDatasetAdapter(parallel, shuffle=False)

@@ -13,7 +13,9 @@ weight map as an input takes.
 
 from __future__ import annotations
 
+import copy
 import math
+import threading
 from collections.abc import Sequence
 
 import albumentations as A
@@ -130,8 +132,9 @@ class SegmentationBatches(keras.utils.PyDataset):
             weight = np.ones(target.shape, np.float32)
         if self.augment is not None:
             sample_seed = int(np.random.SeedSequence([self.seed, self.epoch, position]).generate_state(1)[0])
-            self.augment.set_random_seed(sample_seed)
-            out = self.augment(image=image, mask=target, weight=weight)
+            augment = self._thread_augment()
+            augment.set_random_seed(sample_seed)
+            out = augment(image=image, mask=target, weight=weight)
             image, target, weight = out["image"], out["mask"], out["weight"]
         if image.ndim == 2:
             image = image[..., None]
@@ -140,6 +143,17 @@ class SegmentationBatches(keras.utils.PyDataset):
             "target": make_targets(target, self.targets, self.is_instance, self.border_width),
             "weight": weight.astype(np.float32)[..., None],
         }
+
+    def _thread_augment(self) -> A.Compose:
+        """This thread's own copy of the pipeline: seeding then calling a shared one would race
+        between worker threads and break the seed -> augmentation contract."""
+        if threading.current_thread() is threading.main_thread():
+            return self.augment
+        key = threading.get_ident()
+        copies = self.__dict__.setdefault("_augment_copies", {})
+        if key not in copies:
+            copies[key] = copy.deepcopy(self.augment)
+        return copies[key]
 
     def _collate(self, samples: list[dict[str, np.ndarray]]):
         height = max(s["image"].shape[0] for s in samples)
