@@ -272,6 +272,8 @@ def cmd_tune(args) -> int:
     print(f"run: {run}")
     print(f"{record['metric']} on {record['images']} validation images: {record['config_score']:.4f} with the "
           f"config's post-processing, {record['score']:.4f} tuned")
+    for method, entry in record["methods"].items():
+        print(f"  best with {method}: {entry['score']:.4f} {entry['params']}")
     print(f"tuned post-processing: {record['params']} -> {run / 'postprocess.json'}")
     return 0
 

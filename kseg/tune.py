@@ -24,6 +24,7 @@ from kseg.errors import ConfigError
 TUNED_NAME = "postprocess.json"
 DEFAULT_THRESHOLDS = tuple(np.round(np.arange(0.30, 0.701, 0.05), 2).tolist())
 DEFAULT_MIN_SIZES = (0, 4, 8, 16, 32, 64, 128)
+INSTANCE_METHODS = ("components", "distance", "markers")
 
 
 def validation_split(cfg) -> tuple[object, list[str]]:
@@ -37,10 +38,9 @@ def validation_split(cfg) -> tuple[object, list[str]]:
     return train_reader(cfg), valid_ids
 
 
-def _grid(base: dict, methods: Sequence[str], thresholds: Sequence[float], min_sizes: Sequence[int]):
-    yield dict(base)
-    for method, threshold, min_size in itertools.product(methods, thresholds, min_sizes):
-        yield {**base, "method": method, "threshold": float(threshold), "min_size": int(min_size)}
+def _grid(base: dict, method: str, thresholds: Sequence[float], min_sizes: Sequence[int]) -> list[dict]:
+    return [{**base, "method": method, "threshold": float(threshold), "min_size": int(min_size)}
+            for threshold, min_size in itertools.product(thresholds, min_sizes)]
 
 
 def tune_postprocess(run_dir: str | Path, overrides: Sequence[str] = (), thresholds: Sequence[float] | None = None,
@@ -49,8 +49,9 @@ def tune_postprocess(run_dir: str | Path, overrides: Sequence[str] = (), thresho
                      progress: bool = True) -> dict:
     """Grid-search post-processing on the validation split; write and return ``postprocess.json``.
 
-    Threshold x min_size (x method, when several are given) are searched jointly; for the
-    ``markers`` method the marker threshold is then searched with the best pair fixed.
+    For each method (default: every instance-separation method the model's channels allow),
+    threshold x min_size are searched jointly; for ``markers`` the marker threshold is then searched
+    with the best pair fixed. The best setting of each method is kept in the record's ``methods``.
     """
     from tqdm.auto import tqdm
 
@@ -80,29 +81,49 @@ def tune_postprocess(run_dir: str | Path, overrides: Sequence[str] = (), thresho
                               for truth, probs in cases]))
 
     base = {k: cfg.postprocess[k] for k in POSTPROCESS_KEYS if k in cfg.postprocess}
-    instance_output = fmt.rows == "instance" and targets_spec != "classes"
     configured = base.get("method", "components")
-    methods = list(methods or [configured]) if instance_output else [configured]
-    grid = list(_grid(base, methods, thresholds or DEFAULT_THRESHOLDS, min_sizes or DEFAULT_MIN_SIZES))
-    scores = []
-    best, best_score = dict(base), -np.inf
-    for params in tqdm(grid, desc="post-processing grid", unit="setting", disable=not progress, file=sys.stderr):
-        score = mean_score(params)
-        scores.append({**params, "score": score})
-        if score > best_score:  # strictly better: ties keep the earlier (config first) setting
-            best, best_score = params, score
-    config_score = scores[0]["score"]
-    if instance_output and best.get("method") == "markers":
-        for marker in marker_thresholds or DEFAULT_THRESHOLDS:
-            params = {**best, "marker_threshold": float(marker)}
+    instance_output = fmt.rows == "instance" and targets_spec != "classes"
+    if not instance_output:
+        methods = [configured]
+    elif methods is None:
+        # Every method that the model's channels support, so the user sees which separation wins.
+        methods = INSTANCE_METHODS if targets_spec in ("mask+border", "mask+center") else ("components", "distance")
+    thresholds, min_sizes = thresholds or DEFAULT_THRESHOLDS, min_sizes or DEFAULT_MIN_SIZES
+    scores: list[dict] = []
+
+    def search(grid) -> tuple[dict, float]:
+        best, best_score = None, -np.inf
+        for params in grid:
             score = mean_score(params)
             scores.append({**params, "score": score})
-            if score > best_score:
+            if score > best_score:  # strictly better: ties keep the earlier setting
                 best, best_score = params, score
+        return best, best_score
+
+    total = 1 + len(methods) * len(thresholds) * len(min_sizes)
+    bar = tqdm(total=total, desc="post-processing grid", unit="setting", disable=not progress, file=sys.stderr)
+    best, best_score = search([dict(base)])
+    config_score = best_score
+    bar.update()
+    per_method = {}
+    for method in methods:
+        grid = _grid(base, method, thresholds, min_sizes)
+        method_best, method_score = search(grid)
+        bar.update(len(grid))
+        if method == "markers":  # marker threshold searched with the best threshold / size fixed
+            markers = [{**method_best, "marker_threshold": float(m)} for m in marker_thresholds or DEFAULT_THRESHOLDS]
+            marker_best, marker_score = search(markers)
+            if marker_score > method_score:
+                method_best, method_score = marker_best, marker_score
+        per_method[method] = {"params": method_best, "score": method_score}
+        if method_score > best_score:
+            best, best_score = method_best, method_score
+    bar.close()
     record = {
         "params": best,
         "score": best_score,
         "config_score": config_score,
+        "methods": per_method,
         "metric": fmt.metric,
         "format": fmt.name,
         "images": len(valid_ids),

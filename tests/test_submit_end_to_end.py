@@ -35,6 +35,9 @@ def test_train_tune_submit_validate_evaluate(tmp_path):
     assert cli.main(["tune", "--run", str(run), "--quiet", "--thresholds", "0.3,0.5", "--min-sizes", "0,8"]) == 0
     tuned = json.loads((run / "postprocess.json").read_text())
     assert tuned["images"] == 2 and tuned["score"] >= tuned["config_score"]
+    # mask+border output: every separation method is tried and the saved one is the best of them.
+    assert set(tuned["methods"]) == {"components", "distance", "markers"}
+    assert tuned["score"] == max([tuned["config_score"]] + [m["score"] for m in tuned["methods"].values()])
 
     out = tmp_path / "submissions"
     assert cli.main(["submit", "--run", str(run), "--out-dir", str(out), "--quiet"]) == 0
