@@ -206,12 +206,15 @@ def resolve_pipeline(dataset: str, model: str | None = None, directory: Path = P
     if as_path.suffix in (".yaml", ".yml") and as_path.is_file():
         return as_path, model is not None
     table = registry(directory)
+    # Without MODEL=, a dataset's pipeline for the default builder wins over its variants (FCN, ...).
+    base = directory / "_base.yaml"
+    wanted = model or (_model_name(load_raw(base)) if base.is_file() else None)
     for (name, model_name), path in table.items():
-        if name == dataset and (model is None or model_name == model):
+        if name == dataset and (wanted is None or model_name == wanted):
             return path, False
     for (name, _), path in table.items():
         if name == dataset:
-            return path, True
+            return path, model is not None
     known = sorted({name for name, _ in table})
     raise ConfigError(f"unknown dataset {dataset!r}; registered datasets: {', '.join(known)} (files in {directory})")
 

@@ -188,6 +188,7 @@ def train(cfg: Config, run_dir: Path | None = None,
                                 ValidationScore)
     from kseg.distribute import set_determinism, set_mixed_precision, strategy_scope
     from kseg.pipeline import kfold_split, make_batches, preprocess_train, strata
+    from kseg.tf_data import variable_size_input
 
     start = time.perf_counter()
     t = cfg.train
@@ -246,7 +247,7 @@ def train(cfg: Config, run_dir: Path | None = None,
         callbacks.append(keras.callbacks.EarlyStopping(monitor=monitor, mode="max", patience=int(t.early_stopping)))
     callbacks.extend(extra_callbacks)
 
-    history = training.fit(train_batches, validation_data=valid_batches, epochs=int(t.epochs),
+    history = training.fit(train_batches, validation_data=variable_size_input(valid_batches), epochs=int(t.epochs),
                            callbacks=callbacks, verbose=int(t.verbose))
 
     from kseg.models import load_model

@@ -50,6 +50,14 @@ def test_model_without_its_own_pipeline_overrides_the_name(pipelines):
     assert load_config("toy", model="segnet", directory=pipelines).model.name == "segnet"
 
 
+def test_without_model_the_default_builder_wins_over_variants(pipelines):
+    # The FCN variant's file sorts first; DATASET=toy alone must still mean the U-Net pipeline.
+    (pipelines / "toy_fcn.yaml").rename(pipelines / "a_toy_fcn.yaml")
+    assert resolve_pipeline("toy", None, pipelines) == (pipelines / "toy.yaml", False)
+    assert resolve_pipeline("toy", "fcn", pipelines) == (pipelines / "a_toy_fcn.yaml", False)
+    assert resolve_pipeline("dsb2018")[0].name == "dsb2018_unet.yaml"
+
+
 def test_unknown_dataset_lists_known_ones(pipelines):
     with pytest.raises(ConfigError, match="unknown dataset 'nope'.*toy"):
         load_config("nope", directory=pipelines)

@@ -163,3 +163,32 @@ def test_training_graph_fits_on_jax():
         """
     )
     run_on_jax(code)
+
+
+class SizedBatches(keras.utils.PyDataset):
+    """Whole-image validation batches whose size changes only after the first two."""
+
+    def __init__(self, sizes):
+        super().__init__()
+        self.sizes = sizes
+
+    def __len__(self):
+        return len(self.sizes)
+
+    def __getitem__(self, index):
+        return batch(n=1, size=self.sizes[index], seed=index)
+
+
+def test_validation_batches_may_change_size_after_the_first_two():
+    # DSB 2018 case: most images are 256x256, so the first batches fix no varying dimension.
+    from kseg.tf_data import variable_size_input
+
+    keras.utils.set_random_seed(0)
+    training = build_training_model(tiny_model(), loss="bce")
+    training.compile(optimizer="adam")
+    sizes = [8, 8, 8, 16, 12]
+    history = training.fit(SizedBatches([8, 8]), validation_data=variable_size_input(SizedBatches(sizes)),
+                           epochs=2, verbose=0)
+    assert len(history.history["val_loss"]) == 2 and np.isfinite(history.history["val_loss"]).all()
+    evaluated = training.evaluate(variable_size_input(SizedBatches(sizes)), verbose=0, return_dict=True)
+    assert evaluated["loss"] == pytest.approx(history.history["val_loss"][-1], rel=1e-5)
