@@ -31,4 +31,7 @@ def variable_size_input(batches: keras.utils.PyDataset):
         for index in range(len(batches)):
             yield batches[index]
 
-    return tf.data.Dataset.from_generator(generate, output_signature=signature).prefetch(2)
+    # A known length lets Keras size the validation loop instead of running into the end of the
+    # data (which it reports as a warning on the first epoch).
+    dataset = tf.data.Dataset.from_generator(generate, output_signature=signature)
+    return dataset.apply(tf.data.experimental.assert_cardinality(len(batches))).prefetch(2)
