@@ -11,6 +11,8 @@ import os
 
 import keras
 
+from kseg.errors import ConfigError
+
 
 def set_determinism(seed: int, deterministic: bool) -> None:
     """Seed Python, NumPy and the backend; with ``deterministic`` also make TF ops deterministic."""
@@ -35,32 +37,52 @@ def set_mixed_precision(enabled: bool) -> str:
     return policy
 
 
-def strategy_scope():
-    """A context manager: the strategy's scope (TF) or a data-parallel distribution (JAX)."""
+STRATEGIES = ("auto", "default", "mirrored")
+
+
+def strategy_scope(strategy: str = "auto") -> tuple[contextlib.AbstractContextManager, str, int]:
+    """(the strategy's scope (TF) or a null context with a data-parallel distribution set (JAX),
+    a description, the number of replicas).
+
+    ``auto``: TPUStrategy when a TPU is configured, MultiWorkerMirroredStrategy with ``TF_CONFIG``,
+    MirroredStrategy over two or more GPUs, else the default. ``default`` forces one device;
+    ``mirrored`` forces MirroredStrategy over every GPU, or over every logical CPU device when there
+    is no GPU (how the multi-replica path is exercised on one CPU machine).
+    """
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"train.strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     backend = keras.backend.backend()
     if backend == "jax":
         import jax
 
         devices = jax.devices()
+        if strategy == "default":
+            devices = devices[:1]
         if len(devices) > 1:
             keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
-        return contextlib.nullcontext(), f"jax data-parallel over {len(devices)} device(s)"
+        return contextlib.nullcontext(), f"jax data-parallel over {len(devices)} device(s)", len(devices)
     if backend != "tensorflow":
-        return contextlib.nullcontext(), f"{backend} default device"
+        return contextlib.nullcontext(), f"{backend} default device", 1
     import tensorflow as tf
 
-    if os.environ.get("TPU_NAME") or os.environ.get("COLAB_TPU_ADDR"):
+    gpus = tf.config.list_logical_devices("GPU")
+    if strategy == "mirrored":
+        devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
+        mirrored = tf.distribute.MirroredStrategy(devices)
+        kind = "GPUs" if gpus else "CPU devices"
+        return mirrored.scope(), f"MirroredStrategy over {len(devices)} {kind}", mirrored.num_replicas_in_sync
+    if strategy == "auto" and (os.environ.get("TPU_NAME") or os.environ.get("COLAB_TPU_ADDR")):
         resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
         tf.config.experimental_connect_to_cluster(resolver)
         tf.tpu.experimental.initialize_tpu_system(resolver)
-        strategy = tf.distribute.TPUStrategy(resolver)
-        return strategy.scope(), f"TPUStrategy ({strategy.num_replicas_in_sync} cores)"
-    if os.environ.get("TF_CONFIG"):
-        strategy = tf.distribute.MultiWorkerMirroredStrategy()
-        return strategy.scope(), f"MultiWorkerMirroredStrategy ({strategy.num_replicas_in_sync} replicas)"
-    gpus = tf.config.list_logical_devices("GPU")
-    if len(gpus) > 1:
-        strategy = tf.distribute.MirroredStrategy()
-        return strategy.scope(), f"MirroredStrategy over {len(gpus)} GPUs"
+        tpu = tf.distribute.TPUStrategy(resolver)
+        return tpu.scope(), f"TPUStrategy ({tpu.num_replicas_in_sync} cores)", tpu.num_replicas_in_sync
+    if strategy == "auto" and os.environ.get("TF_CONFIG"):
+        workers = tf.distribute.MultiWorkerMirroredStrategy()
+        replicas = workers.num_replicas_in_sync
+        return workers.scope(), f"MultiWorkerMirroredStrategy ({replicas} replicas)", replicas
+    if strategy == "auto" and len(gpus) > 1:
+        mirrored = tf.distribute.MirroredStrategy()
+        return mirrored.scope(), f"MirroredStrategy over {len(gpus)} GPUs", mirrored.num_replicas_in_sync
     device = "GPU" if gpus else "CPU"
-    return tf.distribute.get_strategy().scope(), f"default strategy ({device})"
+    return tf.distribute.get_strategy().scope(), f"default strategy ({device})", 1

@@ -208,7 +208,7 @@ def train(cfg: Config, run_dir: Path | None = None,
     print(f"run directory: {run}" + (" (resuming an unfinished run)" if resumed else ""), file=sys.stderr)
 
     channels = int(cfg.preprocess.channels)
-    scope, placement = strategy_scope()
+    scope, placement, replicas = strategy_scope(str(t.strategy))
     with scope:
         inference, training = build_models(cfg, channels)
         divisor = pad_multiple(cfg)
@@ -247,8 +247,15 @@ def train(cfg: Config, run_dir: Path | None = None,
         callbacks.append(keras.callbacks.EarlyStopping(monitor=monitor, mode="max", patience=int(t.early_stopping)))
     callbacks.extend(extra_callbacks)
 
-    history = training.fit(train_batches, validation_data=variable_size_input(valid_batches), epochs=int(t.epochs),
-                           callbacks=callbacks, verbose=int(t.verbose))
+    # Whole-image validation batches hold one image, which several replicas cannot split (Keras then
+    # fails reducing the replicas' outputs): with more than one replica val_loss is left out and the
+    # callback's val score, computed image by image, is the only validation figure.
+    validation = variable_size_input(valid_batches) if replicas == 1 else None
+    if replicas > 1:
+        print(f"{replicas} replicas: no val_loss (whole-image validation batches hold one image); {monitor} "
+              "is computed as usual", file=sys.stderr)
+    history = training.fit(train_batches, validation_data=validation, epochs=int(t.epochs), callbacks=callbacks,
+                           verbose=int(t.verbose))
 
     from kseg.models import load_model
 
