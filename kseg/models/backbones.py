@@ -173,8 +173,12 @@ def vgg_backbone(
     width: int = 64,
     convs_per_block: Sequence[int] = VGG16_CONVS,
     batch_norm: bool = False,
+    pool_padding: str = "valid",
 ) -> dict[str, object]:
     """VGG-style 3x3 conv stacks with 2x2 max pooling after each of the five blocks.
+
+    ``pool_padding="same"`` rounds odd sizes up (Caffe's ceil mode, which SSD300 relies on:
+    75 -> 38 after block 3); the default rounds down like keras.applications.VGG16.
 
     Layer names follow ``keras.applications.VGG16`` (``block3_conv2``, ``block4_pool``, ...),
     so with ``width=64`` and the default ``convs_per_block`` the ImageNet VGG16 weights can be
@@ -198,7 +202,7 @@ def vgg_backbone(
                 x = layers.BatchNormalization(name=f"block{b}_bn{c}")(x)
             x = layers.Activation("relu", name=f"block{b}_relu{c}")(x)
         feats[f"block{b}_out"] = x
-        x = layers.MaxPooling2D(2, strides=2, name=f"block{b}_pool")(x)
+        x = layers.MaxPooling2D(2, strides=2, padding=pool_padding, name=f"block{b}_pool")(x)
         feats[f"block{b}_pool"] = x
     return feats
 
