@@ -412,7 +412,7 @@ def test_open_dataset_builds_each_layout_and_checks_options(tmp_path):
     assert isinstance(paired, PairedReader) and paired.binary_threshold == 10
     csv = open_dataset("csv_rle", tmp_path / "images", masks=tmp_path / "x.csv", kind="semantic")
     assert isinstance(csv, CsvRleReader) and csv.kind == "semantic"
-    with pytest.raises(ConfigError, match="known layouts: csv_rle, dsb, paired"):
+    with pytest.raises(ConfigError, match="known layouts: box_csv, coco, csv_rle, dsb, paired, voc"):
         open_dataset("coco-ish", tmp_path)
     with pytest.raises(ConfigError, match="mask_sufix.*mask_suffix"):
         open_dataset("paired", tmp_path / "images", masks=tmp_path / "masks", mask_sufix="_mask")

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Protocol
 
 from kseg.errors import ConfigError
+from kseg.io.boxes import BOX_LAYOUTS
 from kseg.io.csv_rle import CsvRleReader
 from kseg.io.dsb import DsbReader
 from kseg.io.paired import PairedReader
@@ -21,7 +22,7 @@ from kseg.io.sample import Sample
 class Dataset(Protocol):
     """What every reader offers (preprocessing, evaluation and notebooks rely on it)."""
 
-    kind: str  # "instance" (Sample.labels) or "semantic" (Sample.mask)
+    kind: str  # "instance" (Sample.labels), "semantic" (Sample.mask) or "boxes" (load gives a BoxSample)
 
     def ids(self) -> list[str]: ...
 
@@ -48,6 +49,12 @@ def register_reader(layout: str, reader_class: type, masks_role: str | None = No
     READERS[layout] = reader_class
     if masks_role:
         MASKS_ROLE[layout] = masks_role
+
+
+# Bounding-box layouts (voc, coco, box_csv): kseg.io.boxes lists them, registered here because that
+# module cannot import this one back.
+for _layout, (_reader_class, _masks_role) in BOX_LAYOUTS.items():
+    register_reader(_layout, _reader_class, _masks_role)
 
 
 def open_dataset(layout: str, root: str | Path, masks: str | Path | None = None, **options) -> Dataset:
