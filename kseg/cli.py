@@ -77,7 +77,9 @@ def cmd_train(args) -> int:
     print(f"run: {result.run_dir}")
     print(f"{result.monitor} (best checkpoint): {result.val_score:.4f}")
     names = {"otsu": "classical baseline (Otsu threshold; + connected components for instances)",
-             "all_foreground": "trivial prediction (every pixel foreground)"}
+             "all_foreground": "trivial prediction (every pixel foreground)",
+             "otsu_map50": "classical baseline (Otsu + connected-component boxes), VOC mAP@0.5",
+             "otsu_coco_map": "classical baseline (Otsu + connected-component boxes), COCO mAP@[.5:.95]"}
     for key, value in result.baselines.items():
         print(f"{names.get(key, key)} on the same split: {value:.4f}")
     print(f"time: {result.seconds / 60:.1f} min")
@@ -281,9 +283,11 @@ def cmd_tune(args) -> int:
 def cmd_formats(args) -> int:
     from kseg.submit import FORMATS
 
+    rows = {"instance": "instance", "image": "image", "image_class": "image and class", "image_boxes": "image"}
     for fmt in FORMATS.values():
-        print(f"{fmt.name:17s} {','.join(fmt.columns):30s} one row per {fmt.rows.replace('_', ' and '):15s} "
-              f"order {fmt.order}  {fmt.competition}")
+        layout = f"order {fmt.order}" if fmt.order else "boxes  "
+        print(f"{fmt.name:17s} {','.join(fmt.columns):30s} one row per {rows[fmt.rows]:15s} "
+              f"{layout}  {fmt.competition}")
     return 0
 
 

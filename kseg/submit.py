@@ -1,6 +1,7 @@
 """Submission files: per-competition CSV writers, a strict validator, and ``make submit``.
 
-A :class:`SubmissionFormat` says what one CSV row is and how masks are run-length encoded:
+A :class:`SubmissionFormat` says what one CSV row is and how masks are run-length encoded (or,
+for a detection format, how boxes are written):
 
     dsb_instances     ImageId,EncodedPixels           one row per instance, order F; an image with
     airbus_instances  ImageId,EncodedPixels           no object gets one row with an empty cell
@@ -9,6 +10,13 @@ A :class:`SubmissionFormat` says what one CSV row is and how masks are run-lengt
     carvana           img,rle_mask                    one row per image, order C
     severstal         ImageId,ClassId,EncodedPixels   one row per image and class, order F
     siim_acr          ImageId,EncodedPixels           one row per image, relative RLE, "-1" if empty
+    wheat_boxes       image_id,PredictionString       one row per image (rows kind image_boxes):
+                                                      groups "score x y w h", empty if no box
+
+Box formats (``SubmissionFormat.boxes``) hold no RLE: boxes in kseg are float (K, 4) pixel corners ``(x_min, y_min, x_max, y_max)`` with no +1
+(``w = x_max - x_min``, as :mod:`kseg.detection_metrics`); :func:`box_prediction_string` and
+:func:`parse_prediction_string` convert to and from the Global Wheat Detection cell, and
+:func:`read_box_targets` reads a box file back for local scoring with ``voc_map``.
 
 The validator reads a file back the way a scorer would and reports every problem with its CSV
 line (the header is line 1) and id, so a broken file is caught before it costs an upload.
@@ -31,7 +39,7 @@ import pandas as pd
 from kseg import rle
 from kseg.errors import ConfigError, DataError, KsegError, RLEError
 
-ROW_KINDS = ("instance", "image", "image_class")
+ROW_KINDS = ("instance", "image", "image_class", "image_boxes")
 POSTPROCESS_KEYS = ("method", "threshold", "min_size", "marker_threshold", "second_channel")
 MAX_REPORTED = 25
 
@@ -42,12 +50,12 @@ class SubmissionFormat:
 
     name: str
     columns: tuple[str, ...]
-    rows: str  # instance | image | image_class
-    order: str  # "F" column-major | "C" row-major
+    rows: str  # instance | image | image_class | image_boxes (detection: one PredictionString per image)
+    order: str  # "F" column-major | "C" row-major ("" for box formats: no RLE)
     id_style: str = "stem"  # test ids without a sample submission: file stem or file name
     empty: str = ""  # the cell of an image (or class) without any object
     relative: bool = False  # starts count from the end of the previous run (SIIM-ACR)
-    metric: str = "iou_map"  # iou_map | f2 | tgs_iou_map | dice
+    metric: str = "iou_map"  # iou_map | f2 | tgs_iou_map | dice | voc_map (box formats)
     competition: str = ""
 
     @property
@@ -56,7 +64,13 @@ class SubmissionFormat:
 
     @property
     def rle_column(self) -> str:
+        """The last column: the RLE cell, or a box format's PredictionString."""
         return self.columns[-1]
+
+    @property
+    def boxes(self) -> bool:
+        """A detection format: cells are box groups, not run-length masks."""
+        return self.rows == "image_boxes"
 
 
 FORMATS: dict[str, SubmissionFormat] = {f.name: f for f in (
@@ -74,6 +88,8 @@ FORMATS: dict[str, SubmissionFormat] = {f.name: f for f in (
                      metric="dice", competition="Severstal Steel Defect Detection"),
     SubmissionFormat("siim_acr", ("ImageId", "EncodedPixels"), "image", "F", "stem", empty="-1",
                      relative=True, metric="dice", competition="SIIM-ACR Pneumothorax Segmentation"),
+    SubmissionFormat("wheat_boxes", ("image_id", "PredictionString"), "image_boxes", "", "stem",
+                     metric="voc_map", competition="Global Wheat Detection"),
 )}
 
 
@@ -149,6 +165,96 @@ def decode_cell(text: str, shape: tuple[int, int], fmt: SubmissionFormat, row: o
     return rle.decode(text, shape, fmt.order, row=row)
 
 
+# --- box cells (detection formats) ------------------------------------------------------------------
+BOX_FIELDS = ("score", "x", "y", "w", "h")
+BOX_SLACK = 0.5  # pixels a box may reach past the image border (rounding of pixel coordinates)
+_NUMBER = r"[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?"  # no nan, inf, hex or 1_0
+_TOKEN = re.compile(_NUMBER)
+_TOKENS = re.compile(rf"\s*{_NUMBER}(?:\s+{_NUMBER})*\s*")
+
+
+class PredictionStringError(DataError):
+    """A PredictionString that does not parse strictly (names the row and the box group)."""
+
+
+def box_prediction_string(boxes_xyxy, scores, decimals: int = 1) -> str:
+    """One image's boxes as a Global Wheat Detection cell: ``score x y w h`` groups, best first.
+
+    ``boxes_xyxy``: float (K, 4) pixel corners ``(x_min, y_min, x_max, y_max)``, no +1. Scores are
+    written with 4 decimals, x y w h with ``decimals`` (0 writes integers). The corners are rounded
+    and ``w``, ``h`` taken between the rounded corners, so a box inside the image stays inside; a
+    box with no width or height after rounding is left out (it can only be a false positive).
+    Ties in score keep their input order. No box gives "".
+    """
+    boxes = np.asarray(boxes_xyxy, np.float64)
+    boxes = boxes.reshape(0, 4) if boxes.size == 0 else boxes
+    scores = np.asarray(scores, np.float64).reshape(-1)
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise DataError(f"boxes must have shape (K, 4) in (x_min, y_min, x_max, y_max), got {boxes.shape}")
+    if scores.shape[0] != boxes.shape[0]:
+        raise DataError(f"{boxes.shape[0]} boxes but {scores.shape[0]} scores")
+    if not (np.isfinite(boxes).all() and np.isfinite(scores).all()):
+        raise DataError("boxes and scores must be finite numbers")
+    if scores.size and (scores.min() < 0 or scores.max() > 1):
+        raise DataError(f"scores must lie in [0, 1], got {scores.min():g} .. {scores.max():g}")
+    if int(decimals) != decimals or decimals < 0:
+        raise ConfigError(f"decimals={decimals!r} must be a whole number >= 0")
+    decimals = int(decimals)
+    order = np.argsort(-scores, kind="stable")
+    corners = np.round(boxes[order], decimals) + 0.0  # + 0.0: no "-0"
+    sides = np.round(corners[:, 2:] - corners[:, :2], decimals)
+    keep = (sides > 0).all(axis=1)
+    table = np.column_stack([scores[order], corners[:, :2], sides])[keep]
+    group = " ".join(["%.4f"] + [f"%.{decimals}f"] * 4)
+    return " ".join([group] * len(table)) % tuple(table.ravel().tolist())
+
+
+def parse_prediction_string(text: str, where: str = "", size: tuple[int, int] | None = None
+                            ) -> tuple[np.ndarray, np.ndarray]:
+    """Strict inverse of :func:`box_prediction_string`: ``(boxes_xyxy float64 (K, 4), scores (K,))``.
+
+    Every token must be a finite decimal number, their count a multiple of 5, each score in
+    [0, 1] and each w, h > 0; with ``size`` = (height, width) each box must also lie in the
+    image (``BOX_SLACK`` pixels of slack). Score order is not checked (the scorer sorts). Raises
+    PredictionStringError naming ``where`` (e.g. the CSV line and id) and the first bad group.
+    """
+    def fail(message: str):
+        raise PredictionStringError(message, where or None)
+
+    tokens = text.split()
+    if not tokens:
+        return np.zeros((0, 4)), np.zeros(0)
+    if len(tokens) % 5:
+        fail(f"PredictionString has {len(tokens)} tokens, not a multiple of 5 (groups 'score x y w h'); the last "
+             f"group, {len(tokens) // 5 + 1}, has {len(tokens) % 5}")
+    if not _TOKENS.fullmatch(text):
+        index = next(i for i, t in enumerate(tokens) if not _TOKEN.fullmatch(t))
+        fail(f"group {index // 5 + 1}: {BOX_FIELDS[index % 5]} is {tokens[index]!r}, not a finite number")
+    table = np.array(tokens, np.float64).reshape(-1, 5)
+    if not np.isfinite(table).all():  # 1e999 overflows
+        index = int(np.flatnonzero(~np.isfinite(table.ravel()))[0])
+        fail(f"group {index // 5 + 1}: {BOX_FIELDS[index % 5]} is {tokens[index]!r}, not a finite number")
+    scores, x, y, w, h = table.T
+    height, width = size if size is not None else (np.inf, np.inf)
+    checks = np.stack([(scores < 0) | (scores > 1), w <= 0, h <= 0,
+                       (x < -BOX_SLACK) | (y < -BOX_SLACK) | (x + w > width + BOX_SLACK) | (y + h > height + BOX_SLACK)])
+    bad = np.flatnonzero(checks.any(axis=0))
+    if bad.size:
+        k = int(bad[0])
+        score, xt, yt, wt, ht = tokens[5 * k:5 * k + 5]
+        reasons = [f"score {score} is outside [0, 1]", f"width {wt} is not positive", f"height {ht} is not positive",
+                   f"box x y w h = {xt} {yt} {wt} {ht} is outside the {width} x {height} (W x H) image"]
+        message = "; ".join(r for r, failed in zip(reasons, checks[:, k]) if failed)
+        more = f" (and {bad.size - 1} more bad group(s))" if bad.size > 1 else ""
+        fail(f"group {k + 1}: {message}{more}")
+    return np.column_stack([x, y, x + w, y + h]), scores
+
+
+def box_rows(image_id: str, boxes_xyxy, scores, decimals: int = 1) -> list[tuple]:
+    """The one CSV row of an image for a box format (for :func:`write_submission`)."""
+    return [(image_id, box_prediction_string(boxes_xyxy, scores, decimals))]
+
+
 # --- from probabilities to rows ---------------------------------------------------------------------
 def probabilities_to_target(probabilities: np.ndarray, fmt: SubmissionFormat, post: Mapping,
                             targets: str = "mask") -> np.ndarray:
@@ -186,6 +292,8 @@ def probabilities_to_target(probabilities: np.ndarray, fmt: SubmissionFormat, po
 def prediction_rows(image_id: str, target: np.ndarray, fmt: SubmissionFormat,
                     num_classes: int = 1) -> list[tuple]:
     """CSV rows of one image's target (from :func:`probabilities_to_target`)."""
+    if fmt.boxes:
+        raise ConfigError(f"format {fmt.name} writes boxes: use box_rows(image_id, boxes_xyxy, scores)")
     if fmt.rows == "instance":
         cells = rle.labels_to_rles(np.asarray(target, np.int32), fmt.order)
         if fmt.relative:
@@ -321,12 +429,24 @@ def _target_of_rows(rows: Sequence[CsvRow], shape: tuple[int, int], fmt: Submiss
     return stack
 
 
+def _object_count(rows: Sequence[CsvRow], shape: tuple[int, int], fmt: SubmissionFormat,
+                  num_classes: int | None) -> int:
+    """Objects in one image's rows, decoded strictly (RLEError / PredictionStringError if not)."""
+    if fmt.boxes:
+        row = rows[0]
+        return len(parse_prediction_string(row.cell, _where(fmt, row.line, row.image_id), shape)[1])
+    target = _target_of_rows(rows, shape, fmt, num_classes)
+    if fmt.rows == "instance":
+        return int(target.max(initial=0))
+    return int(np.count_nonzero(target.reshape(-1, target.shape[-1] if target.ndim == 3 else 1).any(0)))
+
+
 @dataclasses.dataclass
 class ValidationReport:
     path: Path
     rows: int
     images: int
-    objects: int  # instances (instance formats) or non-empty masks
+    objects: int  # instances (instance formats), non-empty masks, or boxes (box formats)
 
 
 def validate_submission(path: str | Path, fmt: SubmissionFormat, sizes: Mapping[str, tuple[int, int]],
@@ -337,7 +457,9 @@ def validate_submission(path: str | Path, fmt: SubmissionFormat, sizes: Mapping[
     Ids must equal the sample submission's (or ``expected_ids``, else the keys of ``sizes``):
     none missing, none extra, no duplicate image (or image + class) where the format has one row
     per image. Every RLE decodes strictly within its image's size, instances of one image do not
-    overlap, and an empty instance row is only allowed as an image's only row.
+    overlap, and an empty instance row is only allowed as an image's only row. A box format's
+    PredictionString parses strictly (:func:`parse_prediction_string`) with every box inside its
+    image; score order is not checked.
     """
     path = Path(path)
     rows, problems, _ = read_rows(path, fmt, strict_header=True)
@@ -364,9 +486,9 @@ def validate_submission(path: str | Path, fmt: SubmissionFormat, sizes: Mapping[
                 problems.append(f"{where}: id is not in {where_expected} (extra id)")
             by_image.setdefault(row.image_id, [])
             continue
-        key = row.image_id if fmt.rows == "image" else (row.image_id, row.class_id)
+        key = (row.image_id, row.class_id) if fmt.rows == "image_class" else row.image_id
         if fmt.rows != "instance" and key in seen:
-            what = "image" if fmt.rows == "image" else f"image and {fmt.columns[1]} {row.class_id}"
+            what = f"image and {fmt.columns[1]} {row.class_id}" if fmt.rows == "image_class" else "image"
             problems.append(f"{where}: duplicate of line {seen[key]} (one row per {what})")
             continue
         seen.setdefault(key, row.line)
@@ -394,17 +516,12 @@ def validate_submission(path: str | Path, fmt: SubmissionFormat, sizes: Mapping[
         shape = sizes.get(image_id)
         if shape is None:
             problems.append(f"{_where(fmt, image_rows[0].line, image_id)}: no test image of this id to check "
-                            "the RLE against (pass the test folder)")
+                            f"the {'boxes' if fmt.boxes else 'RLE'} against (pass the test folder)")
             continue
         try:
-            target = _target_of_rows(image_rows, shape, fmt, num_classes)
-        except RLEError as exc:
+            objects += _object_count(image_rows, shape, fmt, num_classes)
+        except (RLEError, PredictionStringError) as exc:
             problems.append(str(exc))
-            continue
-        if fmt.rows == "instance":
-            objects += int(target.max(initial=0))
-        else:
-            objects += int(np.count_nonzero(target.reshape(-1, target.shape[-1] if target.ndim == 3 else 1).any(0)))
 
     present = {r.image_id for r in rows}
     missing = [(line, i) for i, line in expected.items() if i not in present]
@@ -421,8 +538,12 @@ def read_targets(path: str | Path, fmt: SubmissionFormat, sizes: Mapping[str, tu
     """Decode a submission or solution CSV into one target array per image id (see evaluate).
 
     Sizes come from ``Height``/``Width`` columns when the file has them (Kaggle solution files
-    do), else from ``sizes``. Decoding is as strict as the validator's.
+    do), else from ``sizes``. Decoding is as strict as the validator's. Masks only: a box format
+    raises ConfigError (read it with :func:`read_box_targets`).
     """
+    if fmt.boxes:
+        raise ConfigError(f"format {fmt.name} is a box format: read it with kseg.submit.read_box_targets "
+                          "(boxes and scores per image), not read_targets (masks)")
     path = Path(path)
     rows, problems, own_sizes = read_rows(path, fmt, strict_header)
     if problems:
@@ -440,6 +561,38 @@ def read_targets(path: str | Path, fmt: SubmissionFormat, sizes: Mapping[str, tu
             raise DataError(f"{_where(fmt, image_rows[1].line, image_id)}: duplicate of line "
                             f"{image_rows[0].line} (one row per image)", path)
         targets[image_id] = _target_of_rows(image_rows, shape, fmt, num_classes)
+    return targets
+
+
+def read_box_targets(path: str | Path, fmt: SubmissionFormat,
+                     sizes: Mapping[str, tuple[int, int]] | None = None) -> dict[str, dict[str, np.ndarray]]:
+    """A box submission as ``{image_id: {"boxes": (K, 4) xyxy, "scores": (K,), "labels": ones (K,)}}``,
+    the per-image dicts of :func:`kseg.detection_metrics.voc_map` (one class).
+
+    As strict as the validator per row (header, one row per image, every PredictionString);
+    boxes are checked against the image only for ids in ``sizes``. Ids are not compared with a
+    test set (that is :func:`validate_submission`'s job). Raises SubmissionError listing every problem.
+    """
+    if not fmt.boxes:
+        raise ConfigError(f"format {fmt.name} is not a box format: read it with read_targets")
+    path = Path(path)
+    rows, problems, _ = read_rows(path, fmt, strict_header=True)
+    targets: dict[str, dict[str, np.ndarray]] = {}
+    first: dict[str, int] = {}
+    for row in rows:
+        where = _where(fmt, row.line, row.image_id)
+        if row.image_id in first:
+            problems.append(f"{where}: duplicate of line {first[row.image_id]} (one row per image)")
+            continue
+        first[row.image_id] = row.line
+        try:
+            boxes, scores = parse_prediction_string(row.cell, where, (sizes or {}).get(row.image_id))
+        except PredictionStringError as exc:
+            problems.append(str(exc))
+            continue
+        targets[row.image_id] = {"boxes": boxes, "scores": scores, "labels": np.ones(len(scores), np.int64)}
+    if problems:
+        raise SubmissionError(path, problems)
     return targets
 
 
@@ -536,6 +689,58 @@ def _stamped_path(directory: Path, stem: str, suffix: str) -> Path:
     return path
 
 
+def _submission_path(cfg, runs: Sequence[Path], out_dir) -> Path:
+    from kseg.config import project_path
+
+    out_dir = project_path(out_dir if out_dir is not None else (cfg.get("submission") or {}).get("dir", "submissions"))
+    run_name = runs[0].name + (f"-ens{len(runs)}" if len(runs) > 1 else "")
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return _stamped_path(out_dir, f"{cfg.dataset.name}-{run_name}-{stamp}", ".csv")
+
+
+def _check_format_fits_model(fmt: SubmissionFormat, cfg, runs: Sequence[Path]) -> None:
+    """Box formats need a box detector run (one: averaging boxes needs box fusion), mask formats a
+    segmentation run."""
+    from kseg.models import get_model_entry
+
+    detector = get_model_entry(cfg.model.name).task == "detection"
+    if detector and not fmt.boxes:
+        box_formats = ", ".join(f.name for f in FORMATS.values() if f.boxes)
+        raise ConfigError(f"run {runs[0].name} is a box detector ({cfg.model.name}) but submission.format "
+                          f"{fmt.name} holds masks; use a box format ({box_formats})")
+    if fmt.boxes and not detector:
+        raise ConfigError(f"submission.format {fmt.name} holds boxes but run {runs[0].name} is a segmentation "
+                          f"model ({cfg.model.name})")
+    if detector and len(runs) > 1:
+        raise ConfigError("box runs cannot be averaged (that needs box fusion); submit one run")
+
+
+def _box_submission(member, cfg, fmt: SubmissionFormat, items, sample, out_dir, progress: bool) -> SubmissionResult:
+    """Detect boxes on every test image with a detector run, write, draw and validate the rows."""
+    from tqdm.auto import tqdm
+
+    from kseg.data.preprocess import to_channels
+    from kseg.detection import draw_boxes, predict_detections
+    from kseg.io.sample import read_image
+
+    sheet_count = int((cfg.get("submission") or {}).get("sheet_images", 8) or 0)
+    channels = int(cfg.preprocess.channels)
+    rows, sizes, panels = [], {}, []
+    for image_id, path in tqdm(items, desc="detect", unit="img", disable=not progress, file=sys.stderr):
+        image = to_channels(read_image(path), channels)
+        found = predict_detections(member.model, [image])[0]
+        rows.extend(box_rows(image_id, found["boxes"], found["scores"]))
+        sizes[image_id] = image.shape[:2]
+        if len(panels) < sheet_count:  # boxes drawn, then letterboxed (an empty label image: no outlines)
+            picture = draw_boxes(image, None, found)
+            panels.append(outline_panel(picture, np.zeros(picture.shape[:2], np.int32)))
+    csv_path = _submission_path(cfg, [member.run_dir], out_dir)
+    write_submission(csv_path, rows, fmt)
+    sheet = write_png(csv_path.with_suffix(".png"), contact_sheet(panels)) if panels else None
+    report = validate_submission(csv_path, fmt, sizes, sample=sample, expected_ids=[i for i, _ in items])
+    return SubmissionResult(csv_path, sheet, report, {}, [member.run_dir])
+
+
 def make_submission(runs: Sequence[str | Path], overrides: Sequence[str] = (), test_dir: str | Path | None = None,
                     sample: str | Path | None = None, out_dir: str | Path | None = None,
                     data_root: str | Path | None = None, progress: bool = True) -> SubmissionResult:
@@ -559,6 +764,7 @@ def make_submission(runs: Sequence[str | Path], overrides: Sequence[str] = (), t
     checkpoint = str((cfg.get("predict") or {}).get("checkpoint", "best"))
     members = [load_run(r, checkpoint, overrides) for r in runs]
     fmt = get_format(cfg.submission.format)
+    _check_format_fits_model(fmt, cfg, runs)
     root = project_path(cfg.dataset.root) if cfg.dataset.root else None
     if test_dir is None:
         if root is None or not cfg.dataset.test:
@@ -571,6 +777,8 @@ def make_submission(runs: Sequence[str | Path], overrides: Sequence[str] = (), t
     if sample is not None and not Path(sample).is_file():
         raise DataError("sample submission does not exist", sample)
     items = discover_test_ids(test_dir, sample, id_style=fmt.id_style)
+    if fmt.boxes:
+        return _box_submission(members[0], cfg, fmt, items, sample, out_dir, progress)
     post = resolve_postprocess(runs[0], cfg, overrides)
     predictor = Predictor(members)
     targets_spec = cfg.generator.targets
@@ -587,10 +795,7 @@ def make_submission(runs: Sequence[str | Path], overrides: Sequence[str] = (), t
         if len(panels) < sheet_count:
             panels.append(outline_panel(image, target))
 
-    out_dir = project_path(out_dir if out_dir is not None else (cfg.get("submission") or {}).get("dir", "submissions"))
-    run_name = runs[0].name + (f"-ens{len(runs)}" if len(runs) > 1 else "")
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    csv_path = _stamped_path(out_dir, f"{cfg.dataset.name}-{run_name}-{stamp}", ".csv")
+    csv_path = _submission_path(cfg, runs, out_dir)
     write_submission(csv_path, rows, fmt)
     sheet = write_png(csv_path.with_suffix(".png"), contact_sheet(panels)) if panels else None
     report = validate_submission(csv_path, fmt, sizes, sample=sample, expected_ids=[i for i, _ in items],

@@ -47,7 +47,8 @@ def _run_prefix(cfg: Config) -> str:
 
 def _training_fingerprint(cfg: Config) -> str:
     """What must match for an unfinished run to be resumed (not where the logs go)."""
-    return cfg.fingerprint("dataset", "preprocess", "augment", "generator", "split", "model", "train", "postprocess")
+    return cfg.fingerprint("dataset", "preprocess", "augment", "generator", "split", "model", "train", "postprocess",
+                          "detection")
 
 
 def find_resumable_run(cfg: Config) -> Path | None:
@@ -190,6 +191,12 @@ def train(cfg: Config, run_dir: Path | None = None,
     from kseg.pipeline import kfold_split, make_batches, preprocess_train, strata
     from kseg.tf_data import variable_size_input
 
+    from kseg.models import get_model_entry
+
+    if get_model_entry(cfg.model.name).task == "detection":
+        from kseg.detection_training import train_detection
+
+        return train_detection(cfg, run_dir, extra_callbacks)
     start = time.perf_counter()
     t = cfg.train
     set_determinism(int(t.seed), bool(t.deterministic))

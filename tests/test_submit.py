@@ -45,7 +45,7 @@ def write_sample(path, fmt, ids):
     return path
 
 
-@pytest.mark.parametrize("name", list(FORMATS))
+@pytest.mark.parametrize("name", [name for name, f in FORMATS.items() if not f.boxes])
 def test_every_format_round_trips_through_the_validator_and_rle_decode(tmp_path, name):
     fmt = get_format(name)
     targets = targets_for(fmt)

@@ -47,8 +47,8 @@ Inference: ``ssd_inference_model(model, default_boxes)`` wraps the model with a
 ``multibox_loss`` (``loss="mining"``) or ``multibox_focal_loss`` (``loss="focal"``) with
 ``add_loss``, so ``compile(optimizer=...)`` then ``fit(x_dict)`` without ``y`` trains it.
 
-Not registered with ``@register_model`` on purpose: the registry imports this module, and the
-training pipeline cannot train detection models yet; registration comes with that integration.
+Registered as ``ssd`` with ``task="detection"``: ``make train MODEL=ssd`` trains it through
+:mod:`kseg.detection_training` (input size from the config's ``detection.input_size``).
 
 Model math uses ``keras.ops`` only (TensorFlow and JAX backends).
 """
@@ -67,6 +67,7 @@ from kseg.errors import ConfigError
 from kseg.models import box_ops
 from kseg.models.backbones import vgg_backbone
 from kseg.models.blocks import input_normalization, nearest_valid_sizes
+from kseg.models.registry import register_model
 
 __all__ = [
     "BACKBONES",
@@ -349,6 +350,11 @@ def _small_features(x, width: int) -> list:
 # ----------------------------------------------------------------------------- builders
 
 
+def _ssd_divisor(backbone: str = "vgg16", **_) -> int:
+    return SMALL_DIVISOR if backbone == "small" else VGG_DIVISOR
+
+
+@register_model("ssd", task="detection", divisor=_ssd_divisor)
 def ssd(
     input_shape: Sequence[int] = (300, 300, 3),
     n_classes: int = 2,

@@ -1,0 +1,196 @@
+"""Box detectors in the pipeline: models from a config, prediction on original-size images, the
+validation mAP, TensorBoard pictures with boxes, and the classical baseline.
+
+Images are resized to the model's fixed input (SSD's default boxes depend on it) and predicted
+boxes are scaled back to the original pixels, so scores and submissions are in the image's own
+coordinates: pixel corner boxes ``(x_min, y_min, x_max, y_max)`` as in
+:mod:`kseg.detection_metrics`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import cv2
+import keras
+import numpy as np
+
+from kseg import detection_metrics
+from kseg.callbacks import _sync_weights
+from kseg.config import Config
+from kseg.data.detection_batches import pixel_boxes
+from kseg.errors import ConfigError
+
+
+def input_size(cfg: Config) -> tuple[int, int]:
+    size = cfg.detection.input_size
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    if len(size) != 2:
+        raise ConfigError(f"detection.input_size must be [height, width], got {cfg.detection.input_size}")
+    return int(size[0]), int(size[1])
+
+
+def build_detector(cfg: Config, channels: int, n_classes: int):
+    """(network, inference model, training model, default boxes) from one set of options.
+
+    ``model.args`` go to the builder (``n_classes`` defaults to the data's classes + background);
+    the default boxes are built from the same options, so the heads and boxes cannot disagree.
+    """
+    from kseg.models import build_model
+    from kseg.models.ssd import ssd_default_boxes_for, ssd_inference_model, ssd_training_model
+
+    if cfg.model.name != "ssd":
+        raise ConfigError(f"model {cfg.model.name!r} is not a box detector (detectors: ssd)")
+    args = dict(cfg.model.args or {})
+    args.setdefault("n_classes", n_classes)
+    if int(args["n_classes"]) != n_classes:
+        raise ConfigError(f"model.args.n_classes={args['n_classes']} but the data has {n_classes - 1} class(es) "
+                          "+ background")
+    size = input_size(cfg)
+    network = build_model("ssd", input_shape=(*size, channels), **args)
+    boxes = ssd_default_boxes_for(size, args.get("backbone", "vgg16"), aspect_ratios=args.get("aspect_ratios"),
+                                  min_scale=float(args.get("min_scale", 0.2)),
+                                  max_scale=float(args.get("max_scale", 0.9)))
+    d = cfg.detection
+    inference = ssd_inference_model(network, boxes, max_output=int(d.max_detections), iou_threshold=float(d.nms_iou),
+                                    score_threshold=float(d.score_threshold))
+    training = ssd_training_model(network, boxes, loss=str(d.loss), **dict(d.loss_args or {}))
+    return network, inference, training, boxes
+
+
+def model_input_size(model: keras.Model) -> tuple[int, int]:
+    shape = model.inputs[0].shape
+    return int(shape[1]), int(shape[2])
+
+
+def predict_detections(model: keras.Model, images: Sequence[np.ndarray], batch_size: int = 8) -> list[dict]:
+    """Detections of uint8 H x W x C images of any size, in each image's own pixels.
+
+    Returns one dict per image: ``boxes`` (K, 4) (x_min, y_min, x_max, y_max), ``scores`` (K,),
+    ``labels`` (K,) (1..C), the format of :mod:`kseg.detection_metrics`.
+    """
+    height, width = model_input_size(model)
+    results = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        batch = np.stack([_resized(image, height, width) for image in chunk]).astype(np.float32) / 255
+        out = model.predict_on_batch(batch)  # a compiled call: eager NMS is several times slower
+        for row, image in enumerate(chunk):
+            n = int(out["valid"][row])
+            results.append({
+                "boxes": pixel_boxes(out["boxes"][row, :n], *image.shape[:2]),
+                "scores": out["scores"][row, :n].astype(np.float32),
+                "labels": out["classes"][row, :n].astype(np.int64),
+            })
+    return results
+
+
+def _resized(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    out = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if image.shape[0] > height
+                     else cv2.INTER_LINEAR)
+    return out if out.ndim == 3 else out[..., None]
+
+
+def truth_entry(boxes, labels, ignore=None) -> dict:
+    return {"boxes": np.asarray(boxes, np.float32).reshape(-1, 4), "labels": np.asarray(labels, np.int64),
+            "ignore": None if ignore is None else np.asarray(ignore, bool)}
+
+
+def score_detections(detections: Sequence[dict], truths: Sequence[dict]) -> dict[str, float]:
+    """VOC mAP@0.5 and COCO mAP@[.5:.95] of a validation set (0 when it holds no object)."""
+    try:
+        return {"map50": detection_metrics.voc_map(detections, truths),
+                "coco_map": detection_metrics.coco_map(detections, truths, max_dets=max(
+                    [100] + [len(d["boxes"]) for d in detections]))}
+    except ValueError:  # no truth box in the whole set: mAP undefined
+        return {"map50": 0.0, "coco_map": 0.0}
+
+
+def otsu_boxes(image: np.ndarray, min_size: int = 8) -> dict:
+    """The classical baseline: boxes of Otsu + connected components, scored by component area
+    (larger blobs first), one class."""
+    from kseg.io.boxes import boxes_from_labels
+    from kseg.postprocess import otsu_baseline
+
+    labels = otsu_baseline(image, min_size=min_size)
+    boxes, ids = boxes_from_labels(labels)
+    areas = np.bincount(labels.ravel())[ids] if len(ids) else np.zeros(0)
+    return {"boxes": boxes, "scores": areas.astype(np.float32) / max(1, labels.size),
+            "labels": np.ones(len(boxes), np.int64)}
+
+
+class DetectionScore(keras.callbacks.Callback):
+    """Adds ``val_map50`` (VOC mAP@0.5, the monitor) and ``val_coco_map`` to the epoch logs."""
+
+    def __init__(self, inference_model: keras.Model, images: Sequence[np.ndarray], truths: Sequence[dict],
+                 every: int = 1):
+        super().__init__()
+        self.inference_model = inference_model
+        self.images = list(images)
+        self.truths = list(truths)
+        self.every = max(1, int(every))
+        self.last: dict[str, float] = {}
+
+    def evaluate(self) -> dict[str, float]:
+        return score_detections(predict_detections(self.inference_model, self.images), self.truths)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        if epoch % self.every == 0 or not self.last:
+            _sync_weights(self)
+            self.last = self.evaluate()
+        logs.update({f"val_{k}": v for k, v in self.last.items()})
+
+
+_TRUTH, _PREDICTED = (255, 64, 64), (64, 255, 64)
+
+
+def draw_boxes(image: np.ndarray, truth: dict | None, detections: dict, min_score: float = 0.3) -> np.ndarray:
+    """uint8 RGB picture: truth boxes red, detections with a score >= ``min_score`` green."""
+    rgb = image if image.ndim == 3 and image.shape[2] == 3 else np.repeat(image.reshape(*image.shape[:2], 1), 3, 2)
+    rgb = np.ascontiguousarray(rgb, np.uint8).copy()
+    if truth is not None:
+        for x0, y0, x1, y1 in np.round(truth["boxes"]).astype(int):
+            cv2.rectangle(rgb, (x0, y0), (x1 - 1, y1 - 1), _TRUTH, 1)
+    shown = detections["scores"] >= min_score
+    for x0, y0, x1, y1 in np.round(detections["boxes"][shown]).astype(int):
+        cv2.rectangle(rgb, (x0, y0), (x1 - 1, y1 - 1), _PREDICTED, 1)
+    return rgb
+
+
+class TensorBoardBoxes(keras.callbacks.Callback):
+    """Every ``every`` epochs, validation images with truth (red) and predicted (green) boxes
+    (TF summary writer: TF-only)."""
+
+    def __init__(self, inference_model, log_dir, images, truths, every: int = 1, max_images: int = 4,
+                 min_score: float = 0.3):
+        super().__init__()
+        self.inference_model = inference_model
+        self.log_dir = str(log_dir)
+        self.samples = list(zip(images, truths))[:max_images]
+        self.every = max(1, int(every))
+        self.min_score = float(min_score)
+        self._writer = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch % self.every:
+            return
+        import tensorflow as tf
+
+        _sync_weights(self)
+        if self._writer is None:
+            self._writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "images"))
+        images = [image for image, _ in self.samples]
+        detections = predict_detections(self.inference_model, images)
+        with self._writer.as_default():
+            for index, ((image, truth), found) in enumerate(zip(self.samples, detections)):
+                picture = draw_boxes(image, truth, found, self.min_score)
+                tf.summary.image(f"validation/{index}: truth red | detections >= {self.min_score:g} green",
+                                 picture[None], step=epoch)
+        self._writer.flush()
+
+    def on_train_end(self, logs=None):
+        if self._writer is not None:
+            self._writer.close()
