@@ -150,18 +150,19 @@ def picture_row(image, truth, prediction, weight) -> np.ndarray:
     return np.concatenate(row[:-1], axis=1)
 
 
-class TensorBoardImages(keras.callbacks.Callback):
-    """Every ``every`` epochs, writes one picture per fixed validation image to TensorBoard:
-    input, ground truth, prediction and weight map side by side (TF summary writer: TF-only)."""
+class TensorBoardPictures(keras.callbacks.Callback):
+    """Every ``every`` epochs, writes the pictures that :meth:`pictures` returns to
+    ``<log_dir>/images`` (TF summary writer: TF-only). Subclasses say what to draw."""
 
-    def __init__(self, inference_model, log_dir, images, truths, weights, pad_multiple=16, every=1, max_images=4):
+    def __init__(self, log_dir, every: int = 1):
         super().__init__()
-        self.inference_model = inference_model
         self.log_dir = str(log_dir)
-        self.samples = list(zip(images, truths, weights))[:max_images]
-        self.pad_multiple = pad_multiple
         self.every = max(1, int(every))
         self._writer = None
+
+    def pictures(self) -> list[tuple[str, np.ndarray]]:
+        """``(title, uint8 H x W x 3)`` pairs for this epoch."""
+        raise NotImplementedError
 
     def on_epoch_end(self, epoch, logs=None):
         if epoch % self.every:
@@ -171,14 +172,28 @@ class TensorBoardImages(keras.callbacks.Callback):
         _sync_weights(self)
         if self._writer is None:
             self._writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "images"))
-        rows = [picture_row(image, truth, predict_image(self.inference_model, image, self.pad_multiple), weight)
-                for image, truth, weight in self.samples]
+        pictures = self.pictures()
         with self._writer.as_default():
-            for index, row in enumerate(rows):
-                tf.summary.image(f"validation/{index}: input | truth | prediction | weight map",
-                                 row[None], step=epoch)
+            for title, picture in pictures:
+                tf.summary.image(title, picture[None], step=epoch)
         self._writer.flush()
 
     def on_train_end(self, logs=None):
         if self._writer is not None:
             self._writer.close()
+
+
+class TensorBoardImages(TensorBoardPictures):
+    """One picture per fixed validation image: input, ground truth, prediction and weight map side
+    by side."""
+
+    def __init__(self, inference_model, log_dir, images, truths, weights, pad_multiple=16, every=1, max_images=4):
+        super().__init__(log_dir, every)
+        self.inference_model = inference_model
+        self.samples = list(zip(images, truths, weights))[:max_images]
+        self.pad_multiple = pad_multiple
+
+    def pictures(self):
+        return [(f"validation/{index}: input | truth | prediction | weight map",
+                 picture_row(image, truth, predict_image(self.inference_model, image, self.pad_multiple), weight))
+                for index, (image, truth, weight) in enumerate(self.samples)]

@@ -9,7 +9,6 @@ coordinates: pixel corner boxes ``(x_min, y_min, x_max, y_max)`` as in
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import cv2
@@ -17,7 +16,7 @@ import keras
 import numpy as np
 
 from kseg import detection_metrics
-from kseg.callbacks import _sync_weights
+from kseg.callbacks import TensorBoardPictures, _sync_weights
 from kseg.config import Config
 from kseg.data.detection_batches import pixel_boxes
 from kseg.errors import ConfigError
@@ -160,37 +159,18 @@ def draw_boxes(image: np.ndarray, truth: dict | None, detections: dict, min_scor
     return rgb
 
 
-class TensorBoardBoxes(keras.callbacks.Callback):
-    """Every ``every`` epochs, validation images with truth (red) and predicted (green) boxes
-    (TF summary writer: TF-only)."""
+class TensorBoardBoxes(TensorBoardPictures):
+    """Validation images with truth (red) and predicted (green) boxes."""
 
     def __init__(self, inference_model, log_dir, images, truths, every: int = 1, max_images: int = 4,
                  min_score: float = 0.3):
-        super().__init__()
+        super().__init__(log_dir, every)
         self.inference_model = inference_model
-        self.log_dir = str(log_dir)
         self.samples = list(zip(images, truths))[:max_images]
-        self.every = max(1, int(every))
         self.min_score = float(min_score)
-        self._writer = None
 
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch % self.every:
-            return
-        import tensorflow as tf
-
-        _sync_weights(self)
-        if self._writer is None:
-            self._writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "images"))
-        images = [image for image, _ in self.samples]
-        detections = predict_detections(self.inference_model, images)
-        with self._writer.as_default():
-            for index, ((image, truth), found) in enumerate(zip(self.samples, detections)):
-                picture = draw_boxes(image, truth, found, self.min_score)
-                tf.summary.image(f"validation/{index}: truth red | detections >= {self.min_score:g} green",
-                                 picture[None], step=epoch)
-        self._writer.flush()
-
-    def on_train_end(self, logs=None):
-        if self._writer is not None:
-            self._writer.close()
+    def pictures(self):
+        found = predict_detections(self.inference_model, [image for image, _ in self.samples])
+        return [(f"validation/{index}: truth red | detections >= {self.min_score:g} green",
+                 draw_boxes(image, truth, detections, self.min_score))
+                for index, ((image, truth), detections) in enumerate(zip(self.samples, found))]

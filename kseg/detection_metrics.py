@@ -49,6 +49,7 @@ import numpy as np
 
 __all__ = [
     "COCO_IOU_THRESHOLDS",
+    "pycocotools_sets",
     "COCO_RECALL_THRESHOLDS",
     "average_precision",
     "coco_map",
@@ -305,3 +306,35 @@ def coco_map(detections: Sequence[Mapping], truths: Sequence[Mapping], max_dets:
     area range "all"."""
     return detection_map(detections, truths, iou_thresholds=COCO_IOU_THRESHOLDS, method="coco",
                          max_dets=max_dets)
+
+
+def pycocotools_sets(detections: Sequence[Mapping], truths: Sequence[Mapping], n_classes: int,
+                     image_size: tuple[int, int] = (640, 640)):
+    """The same set as pycocotools ``COCO`` ground-truth and results objects, for cross-checks
+    against ``COCOeval`` (needs pycocotools, a test and benchmark dependency). Image ids start at 1,
+    classes are 1..``n_classes``, ``image_size`` is (height, width) for every image."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+
+    height, width = image_size
+    images, annotations, results = [], [], []
+    for i, (det, gt) in enumerate(zip(detections, truths)):
+        image_id = i + 1
+        images.append({"id": image_id, "width": width, "height": height})
+        for box, label in zip(xyxy_to_xywh(gt["boxes"]), gt["labels"]):
+            x, y, w, h = (float(v) for v in box)
+            # Annotation ids start at 1: COCOeval stores matched gt ids and treats 0 as unmatched.
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": int(label),
+                                "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
+        for box, label, score in zip(xyxy_to_xywh(det["boxes"]), det["labels"], det["scores"]):
+            results.append({"image_id": image_id, "category_id": int(label),
+                            "bbox": [float(v) for v in box], "score": float(score)})
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt_api = COCO()
+        gt_api.dataset = {"images": images, "annotations": annotations,
+                          "categories": [{"id": c, "name": str(c)} for c in range(1, n_classes + 1)]}
+        gt_api.createIndex()
+        dt_api = gt_api.loadRes(results)
+    return gt_api, dt_api

@@ -43,7 +43,8 @@ def train_detection(cfg: Config, run_dir: Path | None = None, extra_callbacks=()
     from kseg.distribute import set_determinism, set_mixed_precision, strategy_scope
     from kseg.models import load_model
     from kseg.pipeline import kfold_split
-    from kseg.training import TrainResult, _optimizer, _write_status, find_resumable_run, new_run_dir
+    from kseg.training import (TrainResult, _optimizer, _write_status, find_resumable_run, new_run_dir,
+                                schedule_callbacks)
 
     start = time.perf_counter()
     t, d, g = cfg.train, cfg.detection, cfg.generator
@@ -93,12 +94,7 @@ def train_detection(cfg: Config, run_dir: Path | None = None, extra_callbacks=()
         keras.callbacks.BackupAndRestore(str(run / "backup"), save_freq="epoch", delete_checkpoint=True),
         keras.callbacks.TerminateOnNaN(raise_error=True),
     ]
-    if t.schedule == "plateau":
-        callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode="max", factor=0.5,
-                                                           patience=int(t.plateau_patience), min_lr=1e-5))
-    if t.early_stopping:
-        callbacks.append(keras.callbacks.EarlyStopping(monitor=monitor, mode="max", patience=int(t.early_stopping)))
-    callbacks.extend(extra_callbacks)
+    callbacks += schedule_callbacks(cfg, monitor) + list(extra_callbacks)
     history = training.fit(train_batches, epochs=int(t.epochs), callbacks=callbacks, verbose=int(t.verbose))
 
     best = load_model(run / "best.keras") if (run / "best.keras").is_file() else inference

@@ -180,6 +180,18 @@ def _optimizer(cfg: Config, steps_per_epoch: int):
     return keras.optimizers.Adam(learning_rate=rate)
 
 
+def schedule_callbacks(cfg: Config, monitor: str) -> list[keras.callbacks.Callback]:
+    """Learning-rate plateau and early stopping on the (maximised) validation monitor, as configured."""
+    t = cfg.train
+    callbacks = []
+    if t.schedule == "plateau":
+        callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode="max", factor=0.5,
+                                                           patience=int(t.plateau_patience), min_lr=1e-5))
+    if t.early_stopping:
+        callbacks.append(keras.callbacks.EarlyStopping(monitor=monitor, mode="max", patience=int(t.early_stopping)))
+    return callbacks
+
+
 # -- train ---------------------------------------------------------------------------------------------
 def train(cfg: Config, run_dir: Path | None = None,
           extra_callbacks: list[keras.callbacks.Callback] | tuple = ()) -> TrainResult:
@@ -247,12 +259,7 @@ def train(cfg: Config, run_dir: Path | None = None,
         keras.callbacks.BackupAndRestore(str(run / "backup"), save_freq="epoch", delete_checkpoint=True),
         keras.callbacks.TerminateOnNaN(raise_error=True),
     ]
-    if t.schedule == "plateau":
-        callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode="max", factor=0.5,
-                                                           patience=int(t.plateau_patience), min_lr=1e-5))
-    if t.early_stopping:
-        callbacks.append(keras.callbacks.EarlyStopping(monitor=monitor, mode="max", patience=int(t.early_stopping)))
-    callbacks.extend(extra_callbacks)
+    callbacks += schedule_callbacks(cfg, monitor) + list(extra_callbacks)
 
     # Whole-image validation batches hold one image, which several replicas cannot split (Keras then
     # fails reducing the replicas' outputs): with more than one replica val_loss is left out and the

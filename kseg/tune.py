@@ -60,7 +60,14 @@ def tune_postprocess(run_dir: str | Path, overrides: Sequence[str] = (), thresho
     from kseg.predict import Predictor, load_run
     from kseg.submit import POSTPROCESS_KEYS, get_format, probabilities_to_target
 
+    from kseg.models import get_model_entry
+    from kseg.predict import run_config
+
     run_dir = Path(run_dir)
+    model_name = run_config(run_dir, overrides).model.name
+    if get_model_entry(model_name).task == "detection":
+        raise ConfigError(f"run {run_dir.name} is a box detector ({model_name}): there are no mask post-processing "
+                          "settings to tune; its NMS settings are detection.nms_iou / detection.score_threshold")
     member = load_run(run_dir, overrides=overrides, checkpoint=_checkpoint(run_dir, overrides))
     cfg = member.cfg
     fmt = get_format(cfg.submission.format)

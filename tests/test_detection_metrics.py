@@ -8,7 +8,6 @@ import io
 
 import numpy as np
 import pytest
-from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from kseg.detection_metrics import (
@@ -19,6 +18,7 @@ from kseg.detection_metrics import (
     match_detections,
     pairwise_iou,
     per_class_ap,
+    pycocotools_sets,
     voc_map,
     xywh_to_xyxy,
     xyxy_to_xywh,
@@ -245,24 +245,8 @@ def random_set(seed: int, n_images: int = 12, n_classes: int = 3):
 
 
 def cocoeval_stats(detections, truths, n_classes: int = 3) -> np.ndarray:
-    images, annotations, results = [], [], []
-    for i, (det, gt) in enumerate(zip(detections, truths)):
-        image_id = i + 1
-        images.append({"id": image_id, "width": 640, "height": 640})
-        for box, label in zip(xyxy_to_xywh(gt["boxes"]), gt["labels"]):
-            x, y, w, h = (float(v) for v in box)
-            # Annotation ids start at 1: COCOeval stores matched gt ids and treats 0 as unmatched.
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": int(label),
-                                "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
-        for box, label, score in zip(xyxy_to_xywh(det["boxes"]), det["labels"], det["scores"]):
-            results.append({"image_id": image_id, "category_id": int(label),
-                            "bbox": [float(v) for v in box], "score": float(score)})
+    gt_api, dt_api = pycocotools_sets(detections, truths, n_classes)
     with contextlib.redirect_stdout(io.StringIO()):
-        gt_api = COCO()
-        gt_api.dataset = {"images": images, "annotations": annotations,
-                          "categories": [{"id": c, "name": str(c)} for c in range(1, n_classes + 1)]}
-        gt_api.createIndex()
-        dt_api = gt_api.loadRes(results)
         ev = COCOeval(gt_api, dt_api, "bbox")
         ev.evaluate()
         ev.accumulate()

@@ -194,3 +194,14 @@ def test_tiny_ssd_trains_scores_and_submits(demo_root, tmp_path):
     rows = read_box_targets(submission.csv, get_format("wheat_boxes"))
     assert set(rows) == {p.name for p in (demo_root / "stage1_test").iterdir()}
     assert submission.sheet is not None and Path(submission.sheet).is_file()
+
+    # A detector run refuses mask formats and mask post-processing tuning, naming what to use.
+    from kseg.errors import ConfigError
+    from kseg.tune import tune_postprocess
+
+    with pytest.raises(ConfigError, match="box detector.*use a box format \\(wheat_boxes\\)"):
+        make_submission([run], overrides=["submission.format=dsb_instances"], progress=False)
+    with pytest.raises(ConfigError, match="cannot be averaged"):
+        make_submission([run, run], progress=False)
+    with pytest.raises(ConfigError, match="detection.nms_iou"):
+        tune_postprocess(run)

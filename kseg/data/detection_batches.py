@@ -18,9 +18,7 @@ Randomness follows the segmentation generator: every choice derives from ``(seed
 
 from __future__ import annotations
 
-import copy
 import math
-import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -30,6 +28,7 @@ import keras
 import numpy as np
 
 from kseg.data.augment import build_augmentation
+from kseg.data.generator import SeededEpochs
 from kseg.errors import ConfigError
 from kseg.io.boxes import BoxSample, boxes_from_labels
 from kseg.models import box_ops
@@ -140,7 +139,7 @@ def numpy_targets(boxes_yxyx: np.ndarray, labels: np.ndarray, default_boxes: np.
     return np.asarray(offsets, np.float32), np.asarray(target_labels, np.int32)
 
 
-class DetectionBatches(keras.utils.PyDataset):
+class DetectionBatches(SeededEpochs, keras.utils.PyDataset):
     """``model.fit`` batches for an SSD training model (see the module notes).
 
     ``source`` has ``ids()`` and ``load(id) -> BoxSample``; ``default_boxes`` are the model's
@@ -190,23 +189,6 @@ class DetectionBatches(keras.utils.PyDataset):
             "target_labels": np.stack([p[1] for p in pairs]),
         }
 
-    def on_epoch_end(self) -> None:
-        self.set_epoch(self.epoch + 1)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Jump to an epoch (a resumed run continues with that epoch's order and augmentation)."""
-        self.epoch = int(epoch)
-        self._order = self._epoch_order(self.epoch)
-
-    def _epoch_order(self, epoch: int) -> np.ndarray:
-        n = len(self.ids)
-        passes = 1 if not self.steps_per_epoch else math.ceil(self.steps_per_epoch * self.batch_size / n)
-        if not self.shuffle:
-            order = np.tile(np.arange(n), passes)
-        else:
-            order = np.concatenate([np.random.default_rng([self.seed, epoch, k]).permutation(n) for k in range(passes)])
-        return order[: self.steps_per_epoch * self.batch_size] if self.steps_per_epoch else order
-
     def load(self, sample_id: str) -> BoxSample:
         return self._cache[sample_id] if self._cache is not None else self.source.load(sample_id)
 
@@ -224,13 +206,3 @@ class DetectionBatches(keras.utils.PyDataset):
         boxes = np.asarray(out["bboxes"], np.float32).reshape(-1, 4)
         return {"image": image, "boxes": normalised_boxes(boxes, height, width),
                 "labels": np.asarray(out["labels"], np.int64).reshape(-1)}
-
-    def _thread_augment(self) -> A.Compose:
-        """Each worker thread seeds and calls its own copy (a shared one would race)."""
-        if threading.current_thread() is threading.main_thread():
-            return self.augment
-        copies = self.__dict__.setdefault("_augment_copies", {})
-        key = threading.get_ident()
-        if key not in copies:
-            copies[key] = copy.deepcopy(self.augment)
-        return copies[key]

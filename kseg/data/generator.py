@@ -28,7 +28,51 @@ from kseg.data.targets import make_targets
 IN_MEMORY_LIMIT_BYTES = 2 * 1024**3
 
 
-class SegmentationBatches(keras.utils.PyDataset):
+def epoch_order(n: int, epoch: int, *, seed: int, shuffle: bool, steps_per_epoch: int | None,
+                batch_size: int) -> np.ndarray:
+    """Sample indices of one epoch: one pass, or as many passes as ``steps_per_epoch`` needs,
+    each a fresh permutation derived from ``(seed, epoch, pass)``."""
+    passes = 1 if not steps_per_epoch else math.ceil(steps_per_epoch * batch_size / n)
+    if not shuffle:
+        order = np.tile(np.arange(n), passes)
+    elif passes == 1:
+        order = np.random.default_rng([seed, epoch]).permutation(n)
+    else:
+        order = np.concatenate([np.random.default_rng([seed, epoch, k]).permutation(n) for k in range(passes)])
+    return order[: steps_per_epoch * batch_size] if steps_per_epoch else order
+
+
+class SeededEpochs:
+    """Epoch bookkeeping of the batch generators: the epoch's sample order, jumping to an epoch on
+    resume, and one augmentation pipeline per worker thread. Needs ``ids``, ``seed``, ``shuffle``,
+    ``steps_per_epoch``, ``batch_size`` and ``augment`` attributes."""
+
+    def on_epoch_end(self) -> None:
+        # Called in the main process; Keras hands the updated object to fresh workers each epoch.
+        self.set_epoch(self.epoch + 1)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Jump to an epoch (a resumed run continues with that epoch's order and augmentation)."""
+        self.epoch = int(epoch)
+        self._order = self._epoch_order(self.epoch)
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        return epoch_order(len(self.ids), epoch, seed=self.seed, shuffle=self.shuffle,
+                           steps_per_epoch=self.steps_per_epoch, batch_size=self.batch_size)
+
+    def _thread_augment(self) -> A.Compose:
+        """This thread's own copy of the pipeline: seeding then calling a shared one would race
+        between worker threads and break the seed -> augmentation contract."""
+        if threading.current_thread() is threading.main_thread():
+            return self.augment
+        key = threading.get_ident()
+        copies = self.__dict__.setdefault("_augment_copies", {})
+        if key not in copies:
+            copies[key] = copy.deepcopy(self.augment)
+        return copies[key]
+
+
+class SegmentationBatches(SeededEpochs, keras.utils.PyDataset):
     """Batches for ``model.fit``.
 
     ``steps_per_epoch`` fixes the epoch length in batches (samples repeat in fresh permutations when
@@ -97,29 +141,7 @@ class SegmentationBatches(keras.utils.PyDataset):
         batch = self._collate(samples)
         return self.as_graph_inputs(batch) if self.output == "graph" else batch
 
-    def on_epoch_end(self) -> None:
-        # Called in the main process; Keras hands the updated object to fresh workers each epoch.
-        self.epoch += 1
-        self._order = self._epoch_order(self.epoch)
-
     # -- pieces ---------------------------------------------------------------------------------
-    def set_epoch(self, epoch: int) -> None:
-        """Jump to an epoch (a resumed run continues with that epoch's order and augmentation)."""
-        self.epoch = int(epoch)
-        self._order = self._epoch_order(self.epoch)
-
-    def _epoch_order(self, epoch: int) -> np.ndarray:
-        """Sample indices of one epoch: one pass, or as many passes as ``steps_per_epoch`` needs."""
-        n = len(self.ids)
-        passes = 1 if not self.steps_per_epoch else math.ceil(self.steps_per_epoch * self.batch_size / n)
-        if not self.shuffle:
-            order = np.tile(np.arange(n), passes)
-        elif passes == 1:
-            order = np.random.default_rng([self.seed, epoch]).permutation(n)
-        else:
-            order = np.concatenate([np.random.default_rng([self.seed, epoch, k]).permutation(n) for k in range(passes)])
-        return order[: self.steps_per_epoch * self.batch_size] if self.steps_per_epoch else order
-
     def _load(self, sample_id: str) -> dict[str, np.ndarray]:
         return self._cache[sample_id] if self._cache is not None else self.data.load(sample_id)
 
@@ -143,17 +165,6 @@ class SegmentationBatches(keras.utils.PyDataset):
             "target": make_targets(target, self.targets, self.is_instance, self.border_width),
             "weight": weight.astype(np.float32)[..., None],
         }
-
-    def _thread_augment(self) -> A.Compose:
-        """This thread's own copy of the pipeline: seeding then calling a shared one would race
-        between worker threads and break the seed -> augmentation contract."""
-        if threading.current_thread() is threading.main_thread():
-            return self.augment
-        key = threading.get_ident()
-        copies = self.__dict__.setdefault("_augment_copies", {})
-        if key not in copies:
-            copies[key] = copy.deepcopy(self.augment)
-        return copies[key]
 
     def _collate(self, samples: list[dict[str, np.ndarray]]):
         height = max(s["image"].shape[0] for s in samples)
