@@ -1,10 +1,12 @@
-"""Box detectors in the pipeline: models from a config, prediction on original-size images, the
-validation mAP, TensorBoard pictures with boxes, and the classical baseline.
+"""Detectors in the pipeline -- SSD boxes and Mask R-CNN instances: models from a config,
+prediction on original-size images, validation scores, TensorBoard pictures and the classical
+box baseline.
 
-Images are resized to the model's fixed input (SSD's default boxes depend on it) and predicted
-boxes are scaled back to the original pixels, so scores and submissions are in the image's own
-coordinates: pixel corner boxes ``(x_min, y_min, x_max, y_max)`` as in
-:mod:`kseg.detection_metrics`.
+Images are resized to the model's fixed input (default boxes and anchors depend on it) and the
+predictions are mapped back to each image's own pixels: SSD boxes become pixel corner boxes
+``(x_min, y_min, x_max, y_max)`` as in :mod:`kseg.detection_metrics`; Mask R-CNN masks are pasted
+into a label image of the original size (:func:`kseg.models.maskrcnn_heads.paste_masks`), scored
+with the DSB IoU-mAP like the segmentation models.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import keras
 import numpy as np
 
 from kseg import detection_metrics
-from kseg.callbacks import TensorBoardPictures, _sync_weights
+from kseg.callbacks import TensorBoardPictures, ValidationScore, _sync_weights
 from kseg.config import Config
 from kseg.data.detection_batches import pixel_boxes
 from kseg.errors import ConfigError
@@ -174,3 +176,80 @@ class TensorBoardBoxes(TensorBoardPictures):
         return [(f"validation/{index}: truth red | detections >= {self.min_score:g} green",
                  draw_boxes(image, truth, detections, self.min_score))
                 for index, ((image, truth), detections) in enumerate(zip(self.samples, found))]
+
+
+# -- Mask R-CNN -------------------------------------------------------------------------------------
+def build_instance_detector(cfg: Config, channels: int):
+    """(inference model, training model, anchors) of ``cfg``'s Mask R-CNN, one class + background
+    unless ``model.args.n_classes`` says otherwise."""
+    from kseg.models import build_model
+    from kseg.models.maskrcnn import maskrcnn_anchors, maskrcnn_training_model
+
+    args = dict(cfg.model.args or {})
+    args.setdefault("max_detections", int(cfg.detection.max_detections))
+    size = input_size(cfg)
+    inference = build_model(cfg.model.name, input_shape=(*size, channels), **args)
+    d = cfg.detection
+    training = maskrcnn_training_model(inference, rois_per_image=int(d.rois_per_image),
+                                       positive_fraction=float(d.positive_fraction),
+                                       max_instances=int(d.max_instances), seed=int(cfg.train.seed))
+    anchors = maskrcnn_anchors(size, args.get("anchor_scales", (8, 16, 32, 64, 128)),
+                               args.get("anchor_ratios", (0.5, 1.0, 2.0)))
+    return inference, training, anchors
+
+
+def predict_instances(model: keras.Model, images: Sequence[np.ndarray], mask_threshold: float = 0.5,
+                      min_size: int = 1, batch_size: int = 4) -> list[np.ndarray]:
+    """Instance label images (each image's own H x W, int32, no overlaps: higher scores win) of
+    uint8 images of any size, from a Mask R-CNN inference model."""
+    from kseg.models.maskrcnn_heads import paste_masks
+
+    height, width = model_input_size(model)
+    labels = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        batch = np.stack([_resized(image, height, width) for image in chunk]).astype(np.float32) / 255
+        out = model.predict_on_batch(batch)
+        for row, image in enumerate(chunk):
+            n = int(out["valid"][row])
+            labels.append(paste_masks(out["boxes"][row, :n], out["masks"][row, :n], out["scores"][row, :n],
+                                      image.shape[:2], threshold=mask_threshold, min_size=min_size))
+    return labels
+
+
+class InstanceScore(ValidationScore):
+    """Adds ``val_iou_map`` (the DSB 2018 metric on pasted label images) to the epoch logs."""
+
+    def __init__(self, inference_model, images, truths, mask_threshold: float = 0.5, min_size: int = 1,
+                 every: int = 1):
+        super().__init__(inference_model, images, truths, score=None, name="iou_map", every=every)
+        self.mask_threshold, self.min_size = float(mask_threshold), int(min_size)
+
+    def evaluate(self) -> float:
+        from kseg.metrics import iou_map
+
+        predicted = predict_instances(self.inference_model, self.images, self.mask_threshold, self.min_size)
+        return float(np.mean([iou_map(truth, labels) for truth, labels in zip(self.truths, predicted)]))
+
+
+class TensorBoardInstances(TensorBoardPictures):
+    """Validation images with the true and the predicted instance outlines side by side."""
+
+    def __init__(self, inference_model, log_dir, images, truths, mask_threshold: float = 0.5, every: int = 1,
+                 max_images: int = 4):
+        super().__init__(log_dir, every)
+        self.inference_model = inference_model
+        self.samples = list(zip(images, truths))[:max_images]
+        self.mask_threshold = float(mask_threshold)
+
+    def pictures(self):
+        from kseg.submit import outline_panel
+
+        predicted = predict_instances(self.inference_model, [image for image, _ in self.samples],
+                                      self.mask_threshold)
+        pictures = []
+        for index, ((image, truth), labels) in enumerate(zip(self.samples, predicted)):
+            gap = np.full((256, 4, 3), 255, np.uint8)
+            row = np.concatenate([outline_panel(image, truth), gap, outline_panel(image, labels)], axis=1)
+            pictures.append((f"validation/{index}: true instances | predicted instances", row))
+        return pictures

@@ -699,11 +699,18 @@ def _submission_path(cfg, runs: Sequence[Path], out_dir) -> Path:
 
 
 def _check_format_fits_model(fmt: SubmissionFormat, cfg, runs: Sequence[Path]) -> None:
-    """Box formats need a box detector run (one: averaging boxes needs box fusion), mask formats a
-    segmentation run."""
+    """Box formats need a box detector run, a Mask R-CNN run an instance format; detector runs
+    are submitted one at a time (averaging boxes or instances needs box fusion)."""
     from kseg.models import get_model_entry
 
-    detector = get_model_entry(cfg.model.name).task == "detection"
+    task = get_model_entry(cfg.model.name).task
+    detector = task == "detection"
+    if task == "instance" and fmt.rows != "instance":
+        instance_formats = ", ".join(f.name for f in FORMATS.values() if f.rows == "instance")
+        raise ConfigError(f"run {runs[0].name} is an instance detector ({cfg.model.name}); submission.format "
+                          f"{fmt.name} is not an instance format ({instance_formats})")
+    if task == "instance" and len(runs) > 1:
+        raise ConfigError("Mask R-CNN runs cannot be averaged (that needs box / mask fusion); submit one run")
     if detector and not fmt.boxes:
         box_formats = ", ".join(f.name for f in FORMATS.values() if f.boxes)
         raise ConfigError(f"run {runs[0].name} is a box detector ({cfg.model.name}) but submission.format "
@@ -739,6 +746,35 @@ def _box_submission(member, cfg, fmt: SubmissionFormat, items, sample, out_dir, 
     sheet = write_png(csv_path.with_suffix(".png"), contact_sheet(panels)) if panels else None
     report = validate_submission(csv_path, fmt, sizes, sample=sample, expected_ids=[i for i, _ in items])
     return SubmissionResult(csv_path, sheet, report, {}, [member.run_dir])
+
+
+def _instance_submission(member, cfg, fmt: SubmissionFormat, items, sample, out_dir,
+                         progress: bool) -> SubmissionResult:
+    """Instance label images from a Mask R-CNN run (overlaps resolved by score), written, outlined
+    and validated like a segmentation run's."""
+    from tqdm.auto import tqdm
+
+    from kseg.data.preprocess import to_channels
+    from kseg.detection import predict_instances
+    from kseg.io.sample import read_image
+
+    sheet_count = int((cfg.get("submission") or {}).get("sheet_images", 8) or 0)
+    threshold = float(cfg.detection.mask_threshold)
+    min_size = int(cfg.postprocess.get("min_size", 8))
+    rows, sizes, panels = [], {}, []
+    for image_id, path in tqdm(items, desc="detect", unit="img", disable=not progress, file=sys.stderr):
+        image = to_channels(read_image(path), int(cfg.preprocess.channels))
+        labels = predict_instances(member.model, [image], threshold, min_size)[0]
+        rows.extend(prediction_rows(image_id, labels, fmt))
+        sizes[image_id] = image.shape[:2]
+        if len(panels) < sheet_count:
+            panels.append(outline_panel(image, labels))
+    csv_path = _submission_path(cfg, [member.run_dir], out_dir)
+    write_submission(csv_path, rows, fmt)
+    sheet = write_png(csv_path.with_suffix(".png"), contact_sheet(panels)) if panels else None
+    report = validate_submission(csv_path, fmt, sizes, sample=sample, expected_ids=[i for i, _ in items])
+    post = {"mask_threshold": threshold, "min_size": min_size}
+    return SubmissionResult(csv_path, sheet, report, post, [member.run_dir])
 
 
 def make_submission(runs: Sequence[str | Path], overrides: Sequence[str] = (), test_dir: str | Path | None = None,
@@ -779,6 +815,10 @@ def make_submission(runs: Sequence[str | Path], overrides: Sequence[str] = (), t
     items = discover_test_ids(test_dir, sample, id_style=fmt.id_style)
     if fmt.boxes:
         return _box_submission(members[0], cfg, fmt, items, sample, out_dir, progress)
+    from kseg.models import get_model_entry
+
+    if get_model_entry(cfg.model.name).task == "instance":
+        return _instance_submission(members[0], cfg, fmt, items, sample, out_dir, progress)
     post = resolve_postprocess(runs[0], cfg, overrides)
     predictor = Predictor(members)
     targets_spec = cfg.generator.targets

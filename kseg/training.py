@@ -205,7 +205,7 @@ def train(cfg: Config, run_dir: Path | None = None,
 
     from kseg.models import get_model_entry
 
-    if get_model_entry(cfg.model.name).task == "detection":
+    if get_model_entry(cfg.model.name).task in ("detection", "instance"):
         from kseg.detection_training import train_detection
 
         return train_detection(cfg, run_dir, extra_callbacks)

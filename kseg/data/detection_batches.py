@@ -18,7 +18,6 @@ Randomness follows the segmentation generator: every choice derives from ``(seed
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -153,28 +152,17 @@ class DetectionBatches(SeededEpochs, keras.utils.PyDataset):
                  max_queue_size: int = 10):
         super().__init__(workers=workers, use_multiprocessing=use_multiprocessing, max_queue_size=max_queue_size)
         self.source = source
-        self.ids = list(source.ids() if ids is None else ids)
-        if not self.ids:
-            raise ValueError("DetectionBatches needs at least one sample id")
+        self._init_epochs(source.ids() if ids is None else ids, augment=augment, batch_size=batch_size,
+                          shuffle=shuffle, seed=seed, steps_per_epoch=steps_per_epoch)
         self.input_size = (int(input_size[0]), int(input_size[1]))
         self.default_boxes = np.asarray(default_boxes, np.float32)
-        self.augment = augment
-        self.batch_size = int(batch_size)
-        self.shuffle = bool(shuffle)
-        self.seed = int(seed)
         self.iou_threshold = float(iou_threshold)
         self.variances = tuple(float(v) for v in variances)
-        self.steps_per_epoch = int(steps_per_epoch) if steps_per_epoch else None
-        self.epoch = 0
-        self._order = self._epoch_order(0)
         self._cache = None
         if in_memory or in_memory is None:
             samples = {i: source.load(i) for i in self.ids}
             if in_memory or sum(s.image.nbytes for s in samples.values()) < IN_MEMORY_LIMIT_BYTES:
                 self._cache = samples
-
-    def __len__(self) -> int:
-        return self.steps_per_epoch or math.ceil(len(self.ids) / self.batch_size)
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         if index >= len(self):

@@ -47,6 +47,23 @@ class SeededEpochs:
     resume, and one augmentation pipeline per worker thread. Needs ``ids``, ``seed``, ``shuffle``,
     ``steps_per_epoch``, ``batch_size`` and ``augment`` attributes."""
 
+    def _init_epochs(self, ids: Sequence[str], *, augment, batch_size: int, shuffle: bool, seed: int,
+                     steps_per_epoch: int | None) -> None:
+        """Set the attributes this mixin needs and the first epoch's order."""
+        self.ids = list(ids)
+        if not self.ids:
+            raise ValueError(f"{type(self).__name__} needs at least one sample id")
+        self.augment = augment
+        self.batch_size = int(batch_size)
+        self.shuffle = bool(shuffle)
+        self.seed = int(seed)
+        self.steps_per_epoch = int(steps_per_epoch) if steps_per_epoch else None
+        self.epoch = 0
+        self._order = self._epoch_order(0)
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch or math.ceil(len(self.ids) / self.batch_size)
+
     def on_epoch_end(self) -> None:
         # Called in the main process; Keras hands the updated object to fresh workers each epoch.
         self.set_epoch(self.epoch + 1)
@@ -108,30 +125,19 @@ class SegmentationBatches(SeededEpochs, keras.utils.PyDataset):
         if output not in ("tuple", "graph"):
             raise ValueError(f"output must be 'tuple' or 'graph', not {output!r}")
         self.data = data
-        self.ids = list(data.ids if ids is None else ids)
-        if not self.ids:
-            raise ValueError("SegmentationBatches needs at least one sample id")
-        self.batch_size = int(batch_size)
+        self._init_epochs(data.ids if ids is None else ids, augment=augment, batch_size=batch_size, shuffle=shuffle,
+                          seed=seed, steps_per_epoch=steps_per_epoch)
         self.crop_size = tuple(crop_size) if crop_size is not None else None
-        self.augment = augment
         self.targets = targets
         self.border_width = border_width
         self.pad_multiple = int(pad_multiple)
-        self.shuffle = shuffle
-        self.seed = int(seed)
         self.output = output
-        self.steps_per_epoch = int(steps_per_epoch) if steps_per_epoch else None
         self.is_instance = data.kind == "instance"
-        self.epoch = 0
-        self._order = self._epoch_order(0)
         if in_memory is None:
             in_memory = sum(data.path(i).stat().st_size for i in self.ids) < IN_MEMORY_LIMIT_BYTES
         self._cache = {i: data.load(i) for i in self.ids} if in_memory else None
 
     # -- keras.utils.PyDataset ------------------------------------------------------------------
-    def __len__(self) -> int:
-        return self.steps_per_epoch or math.ceil(len(self.ids) / self.batch_size)
-
     def __getitem__(self, index: int):
         if index >= len(self):
             raise IndexError(f"batch {index} of {len(self)}")

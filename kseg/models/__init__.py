@@ -32,11 +32,9 @@ def load_model(path):
     Importing this package registers kseg's custom layers and initializers, which Keras needs
     to rebuild a saved model; always load through here (or import ``kseg.models`` first).
     """
-    import importlib
-
     import keras
 
-    importlib.import_module("kseg.models.ssd")  # registers the detector layers (DetectionDecoder, ...)
+    list_models()  # imports every built-in model module, which registers its custom layers
     return keras.saving.load_model(path, compile=False)
 
 __all__ = [

@@ -59,6 +59,19 @@ ENCODERS: dict[str, EncoderSpec] = {
         preprocess_module="resnet50",
         input_scaling="caffe: BGR, ImageNet mean subtracted, 0..255 range",
     ),
+    "resnet101": EncoderSpec(
+        name="resnet101",
+        constructor="ResNet101",
+        features={
+            2: "conv1_relu",
+            4: "conv2_block3_out",
+            8: "conv3_block4_out",
+            16: "conv4_block23_out",
+            32: "conv5_block3_out",
+        },
+        preprocess_module="resnet101",
+        input_scaling="caffe: BGR, ImageNet mean subtracted, 0..255 range",
+    ),
     "efficientnetb0": EncoderSpec(
         name="efficientnetb0",
         constructor="EfficientNetB0",
