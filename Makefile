@@ -34,6 +34,7 @@ OPTS = --dataset $(DATASET) \
 
 # Commands that start from a trained run rather than a pipeline.
 RUN_OPTS = --dataset $(DATASET) \
+           $(if $(MODEL),--model $(MODEL)) \
            $(foreach r,$(RUN),--run $(r)) \
            $(if $(DATA),--data $(DATA)) \
            $(foreach s,$(SET),--set $(s))
@@ -64,7 +65,7 @@ demo: $(STAMP)
 train: $(STAMP)
 	$(PY) -m kseg train $(OPTS)
 
-# Predicts the test set with the newest finished run of DATASET (or RUN=dir), writes
+# Predicts the test set with the newest finished run of DATASET (and MODEL, or RUN=dir), writes
 # submissions/<dataset>-<run>-<time>.csv and .png (outlines), and fails if the CSV does not validate.
 # KAGGLE=1 uploads it with the kaggle CLI.
 submit: $(STAMP)

@@ -132,14 +132,16 @@ def _find_runs(args) -> list:
                                   "runs/<dataset>-<model>-<time>")
         return named
     runs_dir = _runs_dir(args)
-    if not args.dataset:
+    model = getattr(args, "model", None)
+    if not args.dataset and not model:
         run = newest_run(runs_dir)
     else:
-        statuses = sorted(project_path(runs_dir).glob(f"{args.dataset}-*/{STATUS}"),
+        pattern = f"{args.dataset or '*'}-{model}-*" if model else f"{args.dataset}-*"
+        statuses = sorted(project_path(runs_dir).glob(f"{pattern}/{STATUS}"),
                           key=lambda p: p.stat().st_mtime, reverse=True)
         run = next((s.parent for s in statuses if json.loads(s.read_text()).get("state") == "finished"), None)
     if run is None:
-        which = f"of dataset {args.dataset!r} " if args.dataset else ""
+        which = (f"of dataset {args.dataset!r} " if args.dataset else "") + (f"of model {model!r} " if model else "")
         raise ConfigError(f"no finished run {which}in {project_path(runs_dir)}: train one (make train) or pass RUN=dir")
     return [run]
 
@@ -315,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="run directory (repeat, or comma-separate, to average several runs, e.g. folds); "
                               "default: the newest finished run")
         sub.add_argument("--dataset", default=None, help="pick the newest finished run of this dataset")
+        sub.add_argument("--model", default=None, help="pick the newest finished run of this model")
         sub.add_argument("--data", default=None, help="dataset root folder (overrides dataset.root)")
         sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                          help="override a value of the run's config, e.g. --set predict.tta=d4 (repeatable)")

@@ -205,3 +205,31 @@ def test_tiny_ssd_trains_scores_and_submits(demo_root, tmp_path):
         make_submission([run, run], progress=False)
     with pytest.raises(ConfigError, match="detection.nms_iou"):
         tune_postprocess(run)
+
+
+def test_the_newest_finished_run_can_be_picked_by_model(tmp_path):
+    import argparse
+    import os
+    import time
+
+    from kseg.cli import _find_runs
+    from kseg.errors import ConfigError
+
+    runs = tmp_path / "runs"
+    for offset, (name, state) in enumerate([("demo-unet-1", "finished"), ("demo-ssd-1", "finished"),
+                                            ("demo-ssd-2", "running"), ("other-ssd-1", "finished")]):
+        (runs / name).mkdir(parents=True)
+        status = runs / name / "status.json"
+        status.write_text(json.dumps({"state": state}))
+        stamp = time.time() - 100 + offset
+        os.utime(status, (stamp, stamp))
+
+    def pick(dataset, model):
+        args = argparse.Namespace(run=[], dataset=dataset, model=model, overrides=[f"train.runs_dir={runs}"])
+        return _find_runs(args)[0].name
+
+    assert pick("demo", None) == "demo-ssd-1"  # the newest finished of the dataset, whatever the model
+    assert pick("demo", "unet") == "demo-unet-1"
+    assert pick(None, "ssd") == "other-ssd-1"
+    with pytest.raises(ConfigError, match="of model 'maskrcnn'"):
+        pick("demo", "maskrcnn")

@@ -158,3 +158,29 @@ def test_tiny_maskrcnn_trains_scores_and_submits(demo_root, tmp_path):
 
     submission = make_submission([run], progress=False)
     assert submission.report.images == 2  # written and passed the DSB validator
+
+
+@pytest.mark.slow
+def test_maskrcnn_trains_and_predicts_on_jax():
+    from backends import run_on_jax
+
+    run_on_jax("""
+        import sys
+        sys.path.insert(0, "tests")
+        import numpy as np, keras
+        from test_maskrcnn_training import Cache, TINY
+        from kseg.data.maskrcnn_batches import MaskRCNNBatches, instance_augmentation
+        from kseg.models.maskrcnn import maskrcnn, maskrcnn_anchors, maskrcnn_training_model
+        size = (64, 64)
+        model = maskrcnn((*size, 3), **TINY)
+        training = maskrcnn_training_model(model, rois_per_image=16, max_instances=8, seed=1)
+        batch = MaskRCNNBatches(Cache(), None, input_size=size, anchors=maskrcnn_anchors(size), batch_size=2,
+                                max_instances=8, augment=instance_augmentation("none", size, train=False),
+                                shuffle=False, rpn_options={"anchors_per_image": 64})[0]
+        training.compile(optimizer=keras.optimizers.Adam(3e-3))
+        losses = [float(training.train_on_batch(batch)) for _ in range(30)]
+        assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+        out = model.predict_on_batch(batch["image"])
+        assert out["masks"].shape == (2, 20, 28, 28)
+        print("ok")
+    """)
