@@ -44,7 +44,7 @@ from scipy import ndimage
 
 from kseg.errors import ConfigError, DataError
 from kseg.io.csv_rle import find_column, read_csv_strings
-from kseg.io.sample import Sample, list_images, preview, read_image, recently_changed, resolve_image
+from kseg.io.sample import Sample, list_images, preview, read_cached, read_image, resolve_image
 
 __all__ = [
     "BOX_LAYOUTS",
@@ -339,13 +339,7 @@ class _CocoTable:
 
 def read_coco(path: str | Path) -> _CocoTable:
     """Parse and index a COCO JSON; cached per file size and mtime (each worker parses it once)."""
-    path = Path(path)
-    try:
-        stat = path.stat()
-    except OSError:
-        raise DataError("COCO annotation file does not exist", path) from None
-    read = _read_coco.__wrapped__ if recently_changed(stat.st_mtime_ns) else _read_coco
-    return read(str(path), stat.st_size, stat.st_mtime_ns)
+    return read_cached(path, _read_coco, missing="COCO annotation file does not exist")
 
 
 @functools.lru_cache(maxsize=2)
@@ -494,13 +488,7 @@ class _BoxTable:
 
 def read_box_csv(path: str | Path) -> _BoxTable:
     """Parse and group a box CSV; cached per file size and mtime."""
-    path = Path(path)
-    try:
-        stat = path.stat()
-    except OSError:
-        raise DataError("CSV file does not exist", path) from None
-    read = _read_box_csv.__wrapped__ if recently_changed(stat.st_mtime_ns) else _read_box_csv
-    return read(str(path), stat.st_size, stat.st_mtime_ns)
+    return read_cached(path, _read_box_csv, missing="CSV file does not exist")
 
 
 @functools.lru_cache(maxsize=2)

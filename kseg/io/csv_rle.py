@@ -25,7 +25,7 @@ import pandas as pd
 
 from kseg import rle
 from kseg.errors import ConfigError, DataError
-from kseg.io.sample import (Sample, list_dsb_ids, list_images, preview, read_image, recently_changed,
+from kseg.io.sample import (Sample, list_dsb_ids, list_images, preview, read_cached, read_image,
                             resolve_image)
 
 ID_COLUMNS = ("ImageId", "id", "img", "Image", "image_id", "ImageId_ClassId")
@@ -88,13 +88,7 @@ def read_csv_strings(path: Path) -> pd.DataFrame:
 def read_rle_table(path: str | Path, id_column: str | None = None, rle_column: str | None = None,
                    class_column: str | None = None) -> RleTable:
     """Parse and group the CSV; cached per file size and mtime so each worker parses it once."""
-    path = Path(path)
-    try:
-        stat = path.stat()
-    except OSError:
-        raise DataError("CSV file does not exist", path) from None
-    read = _read_rle_table.__wrapped__ if recently_changed(stat.st_mtime_ns) else _read_rle_table
-    return read(str(path), stat.st_size, stat.st_mtime_ns, id_column, rle_column, class_column)
+    return read_cached(path, _read_rle_table, id_column, rle_column, class_column, missing="CSV file does not exist")
 
 
 @functools.lru_cache(maxsize=4)

@@ -182,6 +182,19 @@ def list_images(folder: str | Path) -> ImageFolder:
     return _list_images(str(folder), mtime)
 
 
+def read_cached(path: str | Path, parse, *args, missing: str = "file does not exist"):
+    """``parse(str(path), size, mtime_ns, *args)``, an ``lru_cache``-wrapped parser, so each
+    worker parses an annotation file once per version of it (a file changed in the last two
+    seconds is parsed afresh, see :func:`recently_changed`)."""
+    path = Path(path)
+    try:
+        stat = path.stat()
+    except OSError:
+        raise DataError(missing, path) from None
+    read = parse.__wrapped__ if recently_changed(stat.st_mtime_ns) else parse
+    return read(str(path), stat.st_size, stat.st_mtime_ns, *args)
+
+
 def recently_changed(mtime_ns: int) -> bool:
     """File times tick in clock jiffies, so two changes within one can share an mtime: a folder
     or file changed in the last two seconds is read afresh rather than trusted to a cache."""
