@@ -183,7 +183,7 @@ def maskrcnn(
     return keras.Model(image, outputs, name=name)
 
 
-def maskrcnn_training_model(inference: keras.Model, *, rois_per_image: int = 128, positive_fraction: float = 0.25,
+def maskrcnn_training_model(inference: keras.Model, *, rois_per_image: int = 200, positive_fraction: float = 0.25,
                             max_instances: int = 256, loss_weights=None, seed: int | None = None) -> keras.Model:
     """The training graph around ``inference``'s nested ``features``, ``rpn``, ``box_head`` and
     ``mask_head`` models (weights shared). Inputs: the batch dict of ``MaskRCNNBatches``."""
