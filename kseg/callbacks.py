@@ -20,7 +20,7 @@ from kseg.fileio import atomic_write_text
 from kseg.predict import predict_image
 
 
-def _sync_weights(callback: keras.callbacks.Callback) -> None:
+def sync_weights(callback: keras.callbacks.Callback) -> None:
     """On JAX, reading ``callback.model`` copies the trained state into the model's variables; the
     inference model shares those variables, so do it before predicting with or saving it."""
     if callback.model is not None:
@@ -56,7 +56,7 @@ class ValidationScore(keras.callbacks.Callback):
         if logs is None:
             return
         if epoch % self.every == 0 or np.isnan(self.last):
-            _sync_weights(self)
+            sync_weights(self)
             self.last = self.evaluate()
         logs[self.key] = self.last
 
@@ -113,7 +113,7 @@ class InferenceCheckpoint(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
-        _sync_weights(self)
+        sync_weights(self)
         self.directory.mkdir(parents=True, exist_ok=True)
         self._save("last.keras")
         value = logs.get(self.monitor)
@@ -169,7 +169,7 @@ class TensorBoardPictures(keras.callbacks.Callback):
             return
         import tensorflow as tf
 
-        _sync_weights(self)
+        sync_weights(self)
         if self._writer is None:
             self._writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "images"))
         pictures = self.pictures()

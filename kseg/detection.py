@@ -18,7 +18,7 @@ import keras
 import numpy as np
 
 from kseg import detection_metrics
-from kseg.callbacks import TensorBoardPictures, ValidationScore, _sync_weights
+from kseg.callbacks import TensorBoardPictures, ValidationScore, sync_weights
 from kseg.config import Config
 from kseg.data.detection_batches import pixel_boxes
 from kseg.errors import ConfigError
@@ -50,9 +50,8 @@ def build_detector(cfg: Config, channels: int, n_classes: int):
                           "+ background")
     size = input_size(cfg)
     network = build_model("ssd", input_shape=(*size, channels), **args)
-    boxes = ssd_default_boxes_for(size, args.get("backbone", "vgg16"), aspect_ratios=args.get("aspect_ratios"),
-                                  min_scale=float(args.get("min_scale", 0.2)),
-                                  max_scale=float(args.get("max_scale", 0.9)))
+    boxes = ssd_default_boxes_for(size, **{k: args[k] for k in ("backbone", "aspect_ratios", "min_scale", "max_scale")
+                                           if k in args})
     d = cfg.detection
     inference = ssd_inference_model(network, boxes, max_output=int(d.max_detections), iou_threshold=float(d.nms_iou),
                                     score_threshold=float(d.score_threshold))
@@ -71,20 +70,22 @@ def predict_detections(model: keras.Model, images: Sequence[np.ndarray], batch_s
     Returns one dict per image: ``boxes`` (K, 4) (x_min, y_min, x_max, y_max), ``scores`` (K,),
     ``labels`` (K,) (1..C), the format of :mod:`kseg.detection_metrics`.
     """
+    return [{"boxes": pixel_boxes(found["boxes"], *image.shape[:2]), "scores": found["scores"].astype(np.float32),
+             "labels": found["classes"].astype(np.int64)}
+            for image, found in _detections_per_image(model, images, batch_size)]
+
+
+def _detections_per_image(model: keras.Model, images: Sequence[np.ndarray], batch_size: int):
+    """``(image, outputs)`` per image: the images resized to the model's input and predicted in
+    batches, each output cut to the image's ``valid`` detections (boxes stay normalised)."""
     height, width = model_input_size(model)
-    results = []
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
         batch = np.stack([_resized(image, height, width) for image in chunk]).astype(np.float32) / 255
         out = model.predict_on_batch(batch)  # a compiled call: eager NMS is several times slower
         for row, image in enumerate(chunk):
             n = int(out["valid"][row])
-            results.append({
-                "boxes": pixel_boxes(out["boxes"][row, :n], *image.shape[:2]),
-                "scores": out["scores"][row, :n].astype(np.float32),
-                "labels": out["classes"][row, :n].astype(np.int64),
-            })
-    return results
+            yield image, {key: value[row, :n] for key, value in out.items() if key != "valid"}
 
 
 def _resized(image: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -140,7 +141,7 @@ class DetectionScore(keras.callbacks.Callback):
         if logs is None:
             return
         if epoch % self.every == 0 or not self.last:
-            _sync_weights(self)
+            sync_weights(self)
             self.last = self.evaluate()
         logs.update({f"val_{k}": v for k, v in self.last.items()})
 
@@ -183,7 +184,7 @@ def build_instance_detector(cfg: Config, channels: int):
     """(inference model, training model, anchors) of ``cfg``'s Mask R-CNN, one class + background
     unless ``model.args.n_classes`` says otherwise."""
     from kseg.models import build_model
-    from kseg.models.maskrcnn import maskrcnn_anchors, maskrcnn_training_model
+    from kseg.models.maskrcnn import maskrcnn_training_model
 
     args = dict(cfg.model.args or {})
     args.setdefault("max_detections", int(cfg.detection.max_detections))
@@ -193,9 +194,7 @@ def build_instance_detector(cfg: Config, channels: int):
     training = maskrcnn_training_model(inference, rois_per_image=int(d.rois_per_image),
                                        positive_fraction=float(d.positive_fraction),
                                        max_instances=int(d.max_instances), seed=int(cfg.train.seed))
-    anchors = maskrcnn_anchors(size, args.get("anchor_scales", (8, 16, 32, 64, 128)),
-                               args.get("anchor_ratios", (0.5, 1.0, 2.0)))
-    return inference, training, anchors
+    return inference, training, inference.get_layer("proposals").anchors  # the anchors the RPN predicts for
 
 
 def predict_instances(model: keras.Model, images: Sequence[np.ndarray], mask_threshold: float = 0.5,
@@ -204,17 +203,9 @@ def predict_instances(model: keras.Model, images: Sequence[np.ndarray], mask_thr
     uint8 images of any size, from a Mask R-CNN inference model."""
     from kseg.models.maskrcnn_heads import paste_masks
 
-    height, width = model_input_size(model)
-    labels = []
-    for start in range(0, len(images), batch_size):
-        chunk = images[start:start + batch_size]
-        batch = np.stack([_resized(image, height, width) for image in chunk]).astype(np.float32) / 255
-        out = model.predict_on_batch(batch)
-        for row, image in enumerate(chunk):
-            n = int(out["valid"][row])
-            labels.append(paste_masks(out["boxes"][row, :n], out["masks"][row, :n], out["scores"][row, :n],
-                                      image.shape[:2], threshold=mask_threshold, min_size=min_size))
-    return labels
+    return [paste_masks(found["boxes"], found["masks"], found["scores"], image.shape[:2], threshold=mask_threshold,
+                        min_size=min_size)
+            for image, found in _detections_per_image(model, images, batch_size)]
 
 
 class InstanceScore(ValidationScore):

@@ -722,59 +722,52 @@ def _check_format_fits_model(fmt: SubmissionFormat, cfg, runs: Sequence[Path]) -
         raise ConfigError("box runs cannot be averaged (that needs box fusion); submit one run")
 
 
-def _box_submission(member, cfg, fmt: SubmissionFormat, items, sample, out_dir, progress: bool) -> SubmissionResult:
-    """Detect boxes on every test image with a detector run, write, draw and validate the rows."""
-    from tqdm.auto import tqdm
-
-    from kseg.data.preprocess import to_channels
-    from kseg.detection import draw_boxes, predict_detections
-    from kseg.io.sample import read_image
-
-    sheet_count = int((cfg.get("submission") or {}).get("sheet_images", 8) or 0)
-    channels = int(cfg.preprocess.channels)
-    rows, sizes, panels = [], {}, []
-    for image_id, path in tqdm(items, desc="detect", unit="img", disable=not progress, file=sys.stderr):
-        image = to_channels(read_image(path), channels)
-        found = predict_detections(member.model, [image])[0]
-        rows.extend(box_rows(image_id, found["boxes"], found["scores"]))
-        sizes[image_id] = image.shape[:2]
-        if len(panels) < sheet_count:  # boxes drawn, then letterboxed (an empty label image: no outlines)
-            picture = draw_boxes(image, None, found)
-            panels.append(outline_panel(picture, np.zeros(picture.shape[:2], np.int32)))
-    csv_path = _submission_path(cfg, [member.run_dir], out_dir)
+def _write_and_validate(cfg, runs: Sequence[Path], out_dir, fmt: SubmissionFormat, rows, sizes, panels, sample,
+                        items, post: dict, num_classes: int | None = None) -> SubmissionResult:
+    """Write the rows and the contact sheet, then validate the CSV as the scorer would read it."""
+    csv_path = _submission_path(cfg, runs, out_dir)
     write_submission(csv_path, rows, fmt)
     sheet = write_png(csv_path.with_suffix(".png"), contact_sheet(panels)) if panels else None
-    report = validate_submission(csv_path, fmt, sizes, sample=sample, expected_ids=[i for i, _ in items])
-    return SubmissionResult(csv_path, sheet, report, {}, [member.run_dir])
+    report = validate_submission(csv_path, fmt, sizes, sample=sample, expected_ids=[i for i, _ in items],
+                                 num_classes=num_classes if fmt.rows == "image_class" else None)
+    return SubmissionResult(csv_path, sheet, report, post, list(runs))
 
 
-def _instance_submission(member, cfg, fmt: SubmissionFormat, items, sample, out_dir,
+def _detector_submission(member, cfg, fmt: SubmissionFormat, items, sample, out_dir,
                          progress: bool) -> SubmissionResult:
-    """Instance label images from a Mask R-CNN run (overlaps resolved by score), written, outlined
-    and validated like a segmentation run's."""
+    """Rows of a detector run, image by image: boxes (box formats, drawn on the sheet) or Mask R-CNN
+    instances (overlaps resolved by score, outlined like a segmentation run's)."""
     from tqdm.auto import tqdm
 
     from kseg.data.preprocess import to_channels
-    from kseg.detection import predict_instances
+    from kseg.detection import draw_boxes, predict_detections, predict_instances
     from kseg.io.sample import read_image
 
+    if fmt.boxes:
+        post = {}
+
+        def rows_and_picture(image_id, image):
+            found = predict_detections(member.model, [image])[0]
+            picture = draw_boxes(image, None, found)  # letterboxed below with no outlines
+            return box_rows(image_id, found["boxes"], found["scores"]), picture, np.zeros(picture.shape[:2], np.int32)
+    else:
+        post = {"mask_threshold": float(cfg.detection.mask_threshold),
+                "min_size": int(cfg.postprocess.get("min_size", 8))}
+
+        def rows_and_picture(image_id, image):
+            labels = predict_instances(member.model, [image], post["mask_threshold"], post["min_size"])[0]
+            return prediction_rows(image_id, labels, fmt), image, labels
+
     sheet_count = int((cfg.get("submission") or {}).get("sheet_images", 8) or 0)
-    threshold = float(cfg.detection.mask_threshold)
-    min_size = int(cfg.postprocess.get("min_size", 8))
     rows, sizes, panels = [], {}, []
     for image_id, path in tqdm(items, desc="detect", unit="img", disable=not progress, file=sys.stderr):
         image = to_channels(read_image(path), int(cfg.preprocess.channels))
-        labels = predict_instances(member.model, [image], threshold, min_size)[0]
-        rows.extend(prediction_rows(image_id, labels, fmt))
+        image_rows, picture, outlines = rows_and_picture(image_id, image)
+        rows.extend(image_rows)
         sizes[image_id] = image.shape[:2]
         if len(panels) < sheet_count:
-            panels.append(outline_panel(image, labels))
-    csv_path = _submission_path(cfg, [member.run_dir], out_dir)
-    write_submission(csv_path, rows, fmt)
-    sheet = write_png(csv_path.with_suffix(".png"), contact_sheet(panels)) if panels else None
-    report = validate_submission(csv_path, fmt, sizes, sample=sample, expected_ids=[i for i, _ in items])
-    post = {"mask_threshold": threshold, "min_size": min_size}
-    return SubmissionResult(csv_path, sheet, report, post, [member.run_dir])
+            panels.append(outline_panel(picture, outlines))
+    return _write_and_validate(cfg, [member.run_dir], out_dir, fmt, rows, sizes, panels, sample, items, post)
 
 
 def make_submission(runs: Sequence[str | Path], overrides: Sequence[str] = (), test_dir: str | Path | None = None,
@@ -813,12 +806,10 @@ def make_submission(runs: Sequence[str | Path], overrides: Sequence[str] = (), t
     if sample is not None and not Path(sample).is_file():
         raise DataError("sample submission does not exist", sample)
     items = discover_test_ids(test_dir, sample, id_style=fmt.id_style)
-    if fmt.boxes:
-        return _box_submission(members[0], cfg, fmt, items, sample, out_dir, progress)
     from kseg.models import get_model_entry
 
-    if get_model_entry(cfg.model.name).task == "instance":
-        return _instance_submission(members[0], cfg, fmt, items, sample, out_dir, progress)
+    if get_model_entry(cfg.model.name).task in ("detection", "instance"):
+        return _detector_submission(members[0], cfg, fmt, items, sample, out_dir, progress)
     post = resolve_postprocess(runs[0], cfg, overrides)
     predictor = Predictor(members)
     targets_spec = cfg.generator.targets
@@ -835,12 +826,7 @@ def make_submission(runs: Sequence[str | Path], overrides: Sequence[str] = (), t
         if len(panels) < sheet_count:
             panels.append(outline_panel(image, target))
 
-    csv_path = _submission_path(cfg, runs, out_dir)
-    write_submission(csv_path, rows, fmt)
-    sheet = write_png(csv_path.with_suffix(".png"), contact_sheet(panels)) if panels else None
-    report = validate_submission(csv_path, fmt, sizes, sample=sample, expected_ids=[i for i, _ in items],
-                                 num_classes=num_classes if fmt.rows == "image_class" else None)
-    return SubmissionResult(csv_path, sheet, report, post, runs)
+    return _write_and_validate(cfg, runs, out_dir, fmt, rows, sizes, panels, sample, items, post, num_classes)
 
 
 def kaggle_submit(csv_path: str | Path, competition: str | None, message: str) -> bool:

@@ -25,3 +25,14 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data folder {SHARED_DATA} is absent (it sits beside the project in CI)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory) -> Path:
+    """A tiny synthetic demo competition (10 training, 2 test images) shared by the end-to-end
+    training tests, which read it and write their caches and runs elsewhere."""
+    from kseg.io.demo import write_demo_dataset
+
+    root = tmp_path_factory.mktemp("demo")
+    write_demo_dataset(root, seed=3, n_train=10, n_test=2)
+    return root

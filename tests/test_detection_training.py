@@ -148,15 +148,6 @@ def test_draw_boxes_marks_truth_red_and_detections_green():
 
 
 # -- end to end ------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    from kseg.io.demo import write_demo_dataset
-
-    root = tmp_path_factory.mktemp("demo")
-    write_demo_dataset(root, seed=3, n_train=10, n_test=2)
-    return root
-
-
 def tiny_ssd_config(demo_root, tmp_path, *extra):
     return load_config("demo", model="ssd", data_root=str(demo_root), overrides=[
         f"preprocess.cache_dir={tmp_path / 'cache'}", "preprocess.n_jobs=1", "preprocess.progress=false",

@@ -120,15 +120,6 @@ def test_a_tiny_maskrcnn_learns_two_squares():
 
 
 # -- end to end ------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    from kseg.io.demo import write_demo_dataset
-
-    root = tmp_path_factory.mktemp("demo")
-    write_demo_dataset(root, seed=3, n_train=10, n_test=2)
-    return root
-
-
 @pytest.mark.slow
 def test_tiny_maskrcnn_trains_scores_and_submits(demo_root, tmp_path):
     from kseg.models import load_model

@@ -14,19 +14,11 @@ import numpy as np
 import pytest
 
 from kseg.config import load_config
-from kseg.io.demo import write_demo_dataset
 from kseg.models import load_model
 from kseg.training import find_resumable_run, train
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    write_demo_dataset(root, seed=3, n_train=10, n_test=2)
-    return root
 
 
 def tiny_config(demo_root, tmp_path, *extra):

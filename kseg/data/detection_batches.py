@@ -32,9 +32,6 @@ from kseg.errors import ConfigError
 from kseg.io.boxes import BoxSample, boxes_from_labels
 from kseg.models import box_ops
 
-IN_MEMORY_LIMIT_BYTES = 2 * 1024**3
-
-
 class InstanceBoxSource:
     """Boxes of an instance dataset's preprocessed label images (one class, label 1)."""
 
@@ -158,11 +155,7 @@ class DetectionBatches(SeededEpochs, keras.utils.PyDataset):
         self.default_boxes = np.asarray(default_boxes, np.float32)
         self.iou_threshold = float(iou_threshold)
         self.variances = tuple(float(v) for v in variances)
-        self._cache = None
-        if in_memory or in_memory is None:
-            samples = {i: source.load(i) for i in self.ids}
-            if in_memory or sum(s.image.nbytes for s in samples.values()) < IN_MEMORY_LIMIT_BYTES:
-                self._cache = samples
+        self._init_cache(source.load, in_memory=in_memory, loaded_bytes=lambda sample: sample.image.nbytes)
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         if index >= len(self):
@@ -177,12 +170,9 @@ class DetectionBatches(SeededEpochs, keras.utils.PyDataset):
             "target_labels": np.stack([p[1] for p in pairs]),
         }
 
-    def load(self, sample_id: str) -> BoxSample:
-        return self._cache[sample_id] if self._cache is not None else self.source.load(sample_id)
-
     def sample(self, position: int) -> dict[str, np.ndarray]:
         """The augmented, resized image of the epoch's ``position``-th sample and its normalised boxes."""
-        item = self.load(self.ids[self._order[position]])
+        item = self._load(self.ids[self._order[position]])
         keep = ~np.asarray(item.ignore, bool) if item.ignore is not None else np.ones(len(item.boxes), bool)
         image = item.image if item.image.ndim == 3 else item.image[..., None]
         augment = self._thread_augment()

@@ -61,6 +61,31 @@ class SeededEpochs:
         self.epoch = 0
         self._order = self._epoch_order(0)
 
+    def _init_cache(self, load, *, in_memory: bool | None = None, file_bytes=None, loaded_bytes=None) -> None:
+        """Keep every sample in memory when they fit in ``IN_MEMORY_LIMIT_BYTES`` (``in_memory``
+        forces either way). ``file_bytes(id)`` sizes them without loading (cache files); without
+        it samples are loaded one by one and caching stops as soon as ``loaded_bytes(sample)``
+        passes the limit, so an over-large dataset is never held whole."""
+        self._load_sample = load
+        self._cache = None
+        if in_memory is False:
+            return
+        if in_memory is None and file_bytes is not None:
+            if sum(file_bytes(i) for i in self.ids) >= IN_MEMORY_LIMIT_BYTES:
+                return
+            in_memory = True
+        cache, total = {}, 0
+        for sample_id in self.ids:
+            cache[sample_id] = load(sample_id)
+            if not in_memory:
+                total += loaded_bytes(cache[sample_id])
+                if total >= IN_MEMORY_LIMIT_BYTES:
+                    return
+        self._cache = cache
+
+    def _load(self, sample_id: str):
+        return self._cache[sample_id] if self._cache is not None else self._load_sample(sample_id)
+
     def __len__(self) -> int:
         return self.steps_per_epoch or math.ceil(len(self.ids) / self.batch_size)
 
@@ -133,9 +158,7 @@ class SegmentationBatches(SeededEpochs, keras.utils.PyDataset):
         self.pad_multiple = int(pad_multiple)
         self.output = output
         self.is_instance = data.kind == "instance"
-        if in_memory is None:
-            in_memory = sum(data.path(i).stat().st_size for i in self.ids) < IN_MEMORY_LIMIT_BYTES
-        self._cache = {i: data.load(i) for i in self.ids} if in_memory else None
+        self._init_cache(data.load, in_memory=in_memory, file_bytes=lambda i: data.path(i).stat().st_size)
 
     # -- keras.utils.PyDataset ------------------------------------------------------------------
     def __getitem__(self, index: int):
@@ -148,9 +171,6 @@ class SegmentationBatches(SeededEpochs, keras.utils.PyDataset):
         return self.as_graph_inputs(batch) if self.output == "graph" else batch
 
     # -- pieces ---------------------------------------------------------------------------------
-    def _load(self, sample_id: str) -> dict[str, np.ndarray]:
-        return self._cache[sample_id] if self._cache is not None else self.data.load(sample_id)
-
     def sample(self, position: int) -> dict[str, np.ndarray]:
         """The image, target and weight of the epoch's ``position``-th sample, augmented."""
         arrays = self._load(self.ids[self._order[position]])

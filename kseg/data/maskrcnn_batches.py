@@ -27,9 +27,6 @@ from kseg.data.augment import build_augmentation
 from kseg.data.generator import SeededEpochs
 from kseg.io.boxes import boxes_from_labels
 
-IN_MEMORY_LIMIT_BYTES = 2 * 1024**3
-
-
 def instance_augmentation(pipeline, input_size: tuple[int, int], *, train: bool, crop_scale=(0.3, 1.0),
                           seed: int = 0) -> A.Compose:
     """The segmentation preset (training only) then a zoom / resize to ``input_size``; the label
@@ -92,8 +89,7 @@ class MaskRCNNBatches(SeededEpochs, keras.utils.PyDataset):
         self.anchors = np.asarray(anchors, np.float32)
         self.max_instances = int(max_instances)
         self.rpn_options = dict(rpn_options or {})
-        in_memory = sum(data.path(i).stat().st_size for i in self.ids) < IN_MEMORY_LIMIT_BYTES
-        self._cache = {i: data.load(i) for i in self.ids} if in_memory else None
+        self._init_cache(data.load, file_bytes=lambda i: data.path(i).stat().st_size)
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         if index >= len(self):
@@ -101,9 +97,6 @@ class MaskRCNNBatches(SeededEpochs, keras.utils.PyDataset):
         start = index * self.batch_size
         samples = [self.sample(p) for p in range(start, min(start + self.batch_size, len(self._order)))]
         return {key: np.stack([s[key] for s in samples]) for key in samples[0]}
-
-    def _load(self, sample_id: str) -> dict[str, np.ndarray]:
-        return self._cache[sample_id] if self._cache is not None else self.data.load(sample_id)
 
     def sample(self, position: int) -> dict[str, np.ndarray]:
         """The epoch's ``position``-th sample, augmented and resized, with its targets."""

@@ -44,7 +44,8 @@ from scipy import ndimage
 
 from kseg.errors import ConfigError, DataError
 from kseg.io.csv_rle import find_column, read_csv_strings
-from kseg.io.sample import Sample, list_images, preview, read_cached, read_image, resolve_image
+from kseg.io.sample import (Sample, image_and_annotation, list_images, preview, read_cached, read_image,
+                              resolve_image)
 
 __all__ = [
     "BOX_LAYOUTS",
@@ -453,10 +454,7 @@ class CocoBoxReader:
         return path
 
     def source_files(self, sample_id: str) -> list[Path]:
-        try:
-            return [self.image_path(sample_id), self.annotation_json]
-        except DataError:
-            return [self.annotation_json]
+        return image_and_annotation(self.image_path, sample_id, self.annotation_json)
 
     def load(self, sample_id: str) -> BoxSample:
         image_path = self.image_path(sample_id)
@@ -584,10 +582,7 @@ class BoxCsvReader:
         return path
 
     def source_files(self, sample_id: str) -> list[Path]:
-        try:
-            return [self.image_path(sample_id), self.csv_path]
-        except DataError:
-            return [self.csv_path]
+        return image_and_annotation(self.image_path, sample_id, self.csv_path)
 
     def load(self, sample_id: str) -> BoxSample:
         image_path = self.image_path(sample_id)

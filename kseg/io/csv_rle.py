@@ -25,8 +25,8 @@ import pandas as pd
 
 from kseg import rle
 from kseg.errors import ConfigError, DataError
-from kseg.io.sample import (Sample, list_dsb_ids, list_images, preview, read_cached, read_image,
-                            resolve_image)
+from kseg.io.sample import (Sample, image_and_annotation, list_dsb_ids, list_images, preview, read_cached,
+                            read_image, resolve_image)
 
 ID_COLUMNS = ("ImageId", "id", "img", "Image", "image_id", "ImageId_ClassId")
 RLE_COLUMNS = ("EncodedPixels", "rle_mask", "rle", "EncodedPixel")
@@ -240,10 +240,7 @@ class CsvRleReader:
         return path
 
     def source_files(self, sample_id: str) -> list[Path]:
-        try:
-            return [self.image_path(sample_id), self.csv_path]
-        except DataError:
-            return [self.csv_path]
+        return image_and_annotation(self.image_path, sample_id, self.csv_path)
 
     def load(self, sample_id: str) -> Sample:
         table = self.table()

@@ -182,6 +182,15 @@ def list_images(folder: str | Path) -> ImageFolder:
     return _list_images(str(folder), mtime)
 
 
+def image_and_annotation(image_path, sample_id: str, annotation: Path) -> list[Path]:
+    """Cache-key files of a sample: its image (``image_path(sample_id)``) and the annotation
+    file; the annotation alone when the image cannot be found (never raises)."""
+    try:
+        return [image_path(sample_id), annotation]
+    except DataError:
+        return [annotation]
+
+
 def read_cached(path: str | Path, parse, *args, missing: str = "file does not exist"):
     """``parse(str(path), size, mtime_ns, *args)``, an ``lru_cache``-wrapped parser, so each
     worker parses an annotation file once per version of it (a file changed in the last two

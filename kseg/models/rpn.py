@@ -181,19 +181,6 @@ def rpn_head(features, anchors_per_location: int = 3, channels: int | None = Non
 # ----------------------------------------------------------------------------- targets
 
 
-def _encode_numpy(truth: np.ndarray, anchors: np.ndarray, variances) -> np.ndarray:
-    """NumPy ``box_ops.encode_boxes`` of (N, 4) truth corner boxes against (N, 4) anchors."""
-    truth, anchors = truth.astype(np.float64), anchors.astype(np.float64)
-    t_h = np.maximum(truth[:, 2] - truth[:, 0], box_ops.SIZE_EPSILON)
-    t_w = np.maximum(truth[:, 3] - truth[:, 1], box_ops.SIZE_EPSILON)
-    a_h, a_w = anchors[:, 2] - anchors[:, 0], anchors[:, 3] - anchors[:, 1]
-    t_cy, t_cx = (truth[:, 0] + truth[:, 2]) / 2, (truth[:, 1] + truth[:, 3]) / 2
-    a_cy, a_cx = (anchors[:, 0] + anchors[:, 2]) / 2, (anchors[:, 1] + anchors[:, 3]) / 2
-    v = np.asarray(variances, dtype=np.float64)
-    return np.stack([(t_cy - a_cy) / a_h / v[0], (t_cx - a_cx) / a_w / v[1],
-                     np.log(t_h / a_h) / v[2], np.log(t_w / a_w) / v[3]], axis=-1)
-
-
 def _iou_float32(anchors: np.ndarray, truth: np.ndarray) -> np.ndarray:
     """IoU matrix (N, M) of float32 corner boxes, in place where possible.
 
@@ -310,7 +297,9 @@ def rpn_targets(
         labels[rng.choice(negatives, len(negatives) - max_negatives, replace=False)] = -1
 
     if len(positives):
-        deltas[positives] = _encode_numpy(truth[best_truth[positives]], anchors[positives], variances)
+        # np.asarray reads the TF or JAX result (the generator runs this eagerly, a few rows per image).
+        deltas[positives] = np.asarray(box_ops.encode_boxes(truth[best_truth[positives]], anchors[positives],
+                                                            variances))
     return labels, deltas
 
 
