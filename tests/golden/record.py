@@ -56,7 +56,8 @@ def family_settings(tmp: Path) -> dict[str, tuple[str | None, list[str]]]:
               "preprocess.n_jobs=1", "preprocess.progress=false", "dataset.demo=false", "split.n_folds=5",
               f"preprocess.cache_dir={tmp / 'cache'}", f"train.runs_dir={tmp / 'runs'}",
               f"submission.dir={tmp / 'submissions'}"]
-    segmentation = ["generator.batch_size=2", "generator.crop_size=[32,32]", "train.image_every=1"]
+    segmentation = ["generator.batch_size=2", "generator.crop_size=[32,32]", "train.image_every=1",
+                    "postprocess.method=components"]
     return {
         "unet": (None, [*common, *segmentation, "model.args.depth=2", "model.args.base_filters=4"]),
         "fcn": ("fcn", [*common, *segmentation, *(f"model.args.{k}={v}" for k, v in TINY_FCN.items())]),
@@ -99,11 +100,10 @@ def prediction(path: Path, detector: bool) -> dict[str, np.ndarray]:
 
 def record(out: Path) -> dict:
     from kseg.config import load_config
-    from kseg.submit import make_submission
-    from kseg.training import train
-
     from kseg.io.demo import write_demo_dataset
     from kseg.models import get_model_entry
+    from kseg.submit import make_submission
+    from kseg.training import train
 
     out.mkdir(parents=True, exist_ok=True)
     golden: dict = {"prediction_input": "np.random.default_rng(0).random((1, S, S, 3), dtype=np.float32), "
