@@ -40,7 +40,7 @@ RUN_OPTS = --dataset $(DATASET) \
            $(foreach s,$(SET),--set $(s))
 FILE_OPTS = $(if $(TEST_DIR),--test-dir $(TEST_DIR))
 
-.PHONY: setup demo-data preprocess demo train submit tune validate evaluate test test-fast bench tensorboard clean
+.PHONY: setup demo-data preprocess demo train submit tune validate evaluate test test-fast lint-imports bench tensorboard clean
 
 setup: $(STAMP)
 
@@ -83,11 +83,17 @@ validate: $(STAMP)
 evaluate: $(STAMP)
 	$(PY) -m kseg evaluate $(FILE) $(if $(SOLUTION),--solution $(SOLUTION)) $(OPTS) $(FILE_OPTS)
 
+# The import-layer contracts (pyproject.toml) first, then the suite.
 test: $(STAMP)
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q tests
 
 test-fast: $(STAMP)
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q -m "not slow" tests
+
+lint-imports: $(STAMP)
+	$(VENV)/bin/lint-imports --no-cache
 
 bench: $(STAMP)
 	@for script in bench/[!_]*.py; do echo "== $$script"; $(PY) $$script || exit 1; done

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _timing import best_of, report  # noqa: E402
 
-from kseg.detection_metrics import coco_map, detection_map, pycocotools_sets, voc_map  # noqa: E402
+from kseg.metrics.detection import coco_map, detection_map, pycocotools_sets, voc_map
 
 N_CLASSES = 3
 IMAGE_SIDE = 640

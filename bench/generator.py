@@ -19,8 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _timing import report  # noqa: E402
 from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter  # noqa: E402
 
-from kseg.config import Config, load_config  # noqa: E402
-from kseg.pipeline import make_batches, preprocess_train  # noqa: E402
+from kseg.core.config import Config, load_config
+from kseg.data.pipeline import preprocess_train
+from kseg.tasks.semantic.batches import make_batches
 
 EPOCHS = 3
 STEPS = 40

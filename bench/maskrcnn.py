@@ -96,8 +96,8 @@ class SyntheticNuclei:
 
 
 def maskrcnn_batches(data, size: int, batch: int, train: bool):
-    from kseg.data.maskrcnn_batches import MaskRCNNBatches, instance_augmentation
-    from kseg.models.maskrcnn import maskrcnn_anchors
+    from kseg.tasks.maskrcnn.batches import MaskRCNNBatches, instance_augmentation
+    from kseg.tasks.maskrcnn.model import maskrcnn_anchors
 
     return MaskRCNNBatches(data, None, input_size=(size, size), anchors=maskrcnn_anchors((size, size)),
                            augment=instance_augmentation(AUGMENT if train else "none", (size, size), train=train),
@@ -106,7 +106,7 @@ def maskrcnn_batches(data, size: int, batch: int, train: bool):
 
 def segmentation_batches(data, size: int, batch: int, train: bool):
     from kseg.data.augment import build_augmentation
-    from kseg.data.generator import SegmentationBatches
+    from kseg.tasks.semantic.batches import SegmentationBatches
 
     return SegmentationBatches(data, None, batch_size=batch, crop_size=(size, size),
                                augment=build_augmentation(AUGMENT if train else "none", crop_size=(size, size)),
@@ -116,7 +116,7 @@ def segmentation_batches(data, size: int, batch: int, train: bool):
 def build_maskrcnn(size: int):
     import keras
 
-    from kseg.models.maskrcnn import maskrcnn
+    from kseg.tasks.maskrcnn.model import maskrcnn
 
     keras.utils.set_random_seed(0)
     return maskrcnn((size, size, 3), **MODEL_OPTIONS)
@@ -154,8 +154,8 @@ def bench_training(size: int, args) -> None:
     import keras
 
     from kseg.models import build_model
-    from kseg.models.maskrcnn import maskrcnn_training_model
-    from kseg.models.training_graph import build_training_model
+    from kseg.tasks.maskrcnn.model import maskrcnn_training_model
+    from kseg.tasks.semantic.training_graph import build_training_model
 
     label = f"{size}x{size}"
     batch = args.train_batch
@@ -184,9 +184,9 @@ def bench_training(size: int, args) -> None:
 
 
 def bench_data(size: int, args) -> None:
-    from kseg.data.maskrcnn_batches import instance_targets
-    from kseg.models.maskrcnn import maskrcnn_anchors
-    from kseg.models.rpn import rpn_targets
+    from kseg.tasks.maskrcnn.batches import instance_targets
+    from kseg.tasks.maskrcnn.model import maskrcnn_anchors
+    from kseg.tasks.maskrcnn.rpn import rpn_targets
 
     label = f"{size}x{size}"
     batch = args.train_batch

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _timing import best_of, report  # noqa: E402
 
-from kseg.metrics import THRESHOLD_PERCENTS, iou_map  # noqa: E402
+from kseg.metrics.masks import THRESHOLD_PERCENTS, iou_map
 
 SHAPE = (512, 512)
 N_OBJECTS = 100

@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _timing import best_of, report  # noqa: E402
 
-from kseg.config import load_config  # noqa: E402
+from kseg.core.config import load_config
+from kseg.data.pipeline import preprocess_settings, train_reader
 from kseg.data.preprocess import preprocess  # noqa: E402
-from kseg.pipeline import preprocess_settings, train_reader  # noqa: E402
 
 
 def main() -> None:

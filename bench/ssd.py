@@ -85,7 +85,7 @@ def random_targets(rng: np.random.Generator, batch: int, default_boxes: np.ndarr
     """Stacked ``ssd_targets`` of ``batch`` images with 1-8 random boxes each (normalised coords)."""
     from keras import ops
 
-    from kseg.losses import ssd_targets
+    from kseg.tasks.ssd.losses import ssd_targets
 
     offsets, labels = [], []
     for _ in range(batch):
@@ -103,7 +103,7 @@ def random_targets(rng: np.random.Generator, batch: int, default_boxes: np.ndarr
 def build(backbone: str, size: int, n_classes: int):
     import keras
 
-    from kseg.models.ssd import ssd, ssd_default_boxes_for
+    from kseg.tasks.ssd.model import ssd, ssd_default_boxes_for
 
     keras.utils.set_random_seed(0)
     net = ssd((size, size, 3), n_classes, backbone=backbone)
@@ -111,7 +111,7 @@ def build(backbone: str, size: int, n_classes: int):
 
 
 def bench_inference(label: str, backbone: str, size: int, args) -> None:
-    from kseg.models.ssd import DetectionDecoder, ssd_inference_model
+    from kseg.tasks.ssd.model import DetectionDecoder, ssd_inference_model
 
     net, boxes = build(backbone, size, args.n_classes)
     full = ssd_inference_model(net, boxes)
@@ -142,7 +142,7 @@ def bench_inference(label: str, backbone: str, size: int, args) -> None:
 def bench_training(label: str, backbone: str, size: int, args) -> None:
     import keras
 
-    from kseg.models.ssd import ssd_training_model
+    from kseg.tasks.ssd.model import ssd_training_model
 
     rng = np.random.default_rng(1)
     batch = args.train_batch

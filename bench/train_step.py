@@ -38,9 +38,9 @@ SETTINGS = {
 def build(mixed: bool, xla: bool):
     import keras
 
-    from kseg.distribute import set_mixed_precision
+    from kseg.engine.distribute import set_mixed_precision
     from kseg.models import build_model
-    from kseg.models.training_graph import build_training_model
+    from kseg.tasks.semantic.training_graph import build_training_model
 
     set_mixed_precision(mixed)
     keras.utils.set_random_seed(0)

@@ -1,5 +1,5 @@
-"""``python -m kseg ...``: see :mod:`kseg.cli`."""
+"""``python -m kseg ...``: see :mod:`kseg.app.cli`."""
 
-from kseg.cli import main
+from kseg.app.cli import main
 
 raise SystemExit(main())

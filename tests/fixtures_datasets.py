@@ -113,7 +113,7 @@ def write_csv_rle_dataset(images_dir: Path, csv_path: Path, n: int = 4, shape=(1
     EncodedPixels``, one row per present class (classes 1..4), empty images left out of the CSV.
     The truth is the label image (Airbus) or the class mask (Severstal).
     """
-    from kseg.rle import encode
+    from kseg.codecs.rle import encode
 
     rng = np.random.default_rng(seed)
     truth = {}

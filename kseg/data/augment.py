@@ -6,7 +6,6 @@ apart. Masks use nearest-neighbour interpolation; pixels that enter from outside
 from padding) get label 0 and weight 0, so they add nothing to the loss.
 
 A config names a preset (``augment.pipeline: microscopy``) or lists transforms explicitly::
-
     augment:
       pipeline:
         - {name: HorizontalFlip, p: 0.5}
@@ -21,7 +20,7 @@ from typing import Any
 import albumentations as A
 import cv2
 
-from kseg.errors import ConfigError
+from kseg.core.errors import ConfigError
 
 ADDITIONAL_TARGETS = {"weight": "mask"}
 

@@ -28,8 +28,10 @@ import joblib
 import numpy as np
 from tqdm.auto import tqdm
 
-from kseg.errors import ConfigError, DataError
-from kseg.fileio import atomic_save_npz, atomic_write_text
+from kseg.core.config import project_path
+from kseg.core.errors import ConfigError, DataError
+from kseg.core.fileio import atomic_save_npz, atomic_write_text
+from kseg.data.weights import class_balance_map, unet_weight_map
 from kseg.io.sample import Sample
 
 CACHE_VERSION = 1
@@ -179,7 +181,6 @@ def pad_amounts(height: int, width: int, size: tuple[int, int]) -> tuple[tuple[i
 
 def process_sample(sample: Sample, settings: PreprocessSettings) -> dict[str, np.ndarray]:
     """The per-sample work: channels, size, weight map. Pure function of the sample."""
-    from kseg.data.weights import class_balance_map, unet_weight_map
 
     image = to_channels(sample.image, settings.channels)
     target = sample.target
@@ -231,7 +232,6 @@ def _work(reader: Reader, sample_id: str, out_path: Path, settings: PreprocessSe
 
 def preprocess(reader: Reader, settings: PreprocessSettings, ids: list[str] | None = None) -> PreprocessedDataset:
     """Preprocess ``ids`` (default: all) of ``reader`` into the cache, or read the cache."""
-    from kseg.config import project_path
 
     ids = list(reader.ids() if ids is None else ids)
     if not ids:

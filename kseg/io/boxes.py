@@ -3,14 +3,14 @@ derived from any instance-mask dataset.
 
 Why: detection datasets come in three common annotation formats, each with its own box convention
 (VOC: 1-based inclusive pixel indices; COCO and the Kaggle CSVs: continuous ``x, y, w, h``). The
-detector, its box encoding and :mod:`kseg.detection_metrics` need one convention, and bad boxes
+detector, its box encoding and :mod:`kseg.metrics.detection` need one convention, and bad boxes
 must be reported with the file and the box, not found later as a NaN loss.
 
 Conventions (every reader and helper here):
 
 - Boxes are float32 ``(K, 4)`` arrays in pixel *corner* form ``(x_min, y_min, x_max, y_max)``
   with no +1: a box covering pixel columns 3..7 inclusive has ``x_min = 3, x_max = 8`` (COCO's
-  convention, and the one :mod:`kseg.detection_metrics` scores with), so ``w = x_max - x_min``.
+  convention, and the one :mod:`kseg.metrics.detection` scores with), so ``w = x_max - x_min``.
 - VOC ``<bndbox>`` values are 1-based and inclusive: ``x_min = xmin - 1, y_min = ymin - 1,
   x_max = xmax, y_max = ymax``. COCO / CSV ``[x, y, w, h]``: ``(x, y, x + w, y + h)``.
 - Labels are int64 ``1..C``; 0 is background and never an object. ``class_names[0]`` is
@@ -42,10 +42,18 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from kseg.errors import ConfigError, DataError
+from kseg.core.boxes import xywh_to_xyxy
+from kseg.core.errors import ConfigError, DataError
 from kseg.io.csv_rle import find_column, read_csv_strings
-from kseg.io.sample import (Sample, image_and_annotation, list_images, preview, read_cached, read_image,
-                              resolve_image)
+from kseg.io.sample import (
+    Sample,
+    image_and_annotation,
+    list_images,
+    preview,
+    read_cached,
+    read_image,
+    resolve_image,
+)
 
 __all__ = [
     "BOX_LAYOUTS",
@@ -402,7 +410,8 @@ def _read_coco(path: str, size: int, mtime_ns: int) -> _CocoTable:
         except (TypeError, ValueError):
             raise DataError(f"bbox {bbox!r} is not [x, y, width, height]", where) from None
         entries[stem_of[image_id]]["rows"].append(
-            (ann_id, (x, y, x + w, y + h), label_of[category_id], bool(annotation.get("iscrowd", 0))))
+            (ann_id, tuple(xywh_to_xyxy([[x, y, w, h]])[0].tolist()), label_of[category_id],
+             bool(annotation.get("iscrowd", 0))))
     images = {}
     for stem, entry in entries.items():
         rows = entry["rows"]
@@ -507,7 +516,7 @@ def _read_box_csv(path: str, size: int, mtime_ns: int) -> _BoxTable:
     if bad.size:
         raise DataError(f"line {lines[bad[0]]}: bbox {text.iloc[bad[0]]!r} is not '[x, y, width, height]' "
                         f"({bad.size} such row(s))", path)
-    boxes = np.concatenate([parts[:, :2], parts[:, :2] + parts[:, 2:]], axis=1)
+    boxes = xywh_to_xyxy(parts)
     sizes = np.zeros((len(frame), 2))
     for column, name in enumerate(("width", "height")):
         found = find_column(columns, None, (name,), name, path, required=False)
@@ -526,7 +535,6 @@ def _read_box_csv(path: str, size: int, mtime_ns: int) -> _BoxTable:
 
 class BoxCsvReader:
     """Images in ``images_dir`` plus a CSV with one row per box, as Kaggle's Global Wheat Detection:
-
         image_id,width,height,bbox,source
         b6ab77fd7,1024,1024,"[834.0, 222.0, 56.0, 36.0]",usask_1
 

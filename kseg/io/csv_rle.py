@@ -23,10 +23,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kseg import rle
-from kseg.errors import ConfigError, DataError
-from kseg.io.sample import (Sample, image_and_annotation, list_dsb_ids, list_images, preview, read_cached,
-                            read_image, resolve_image)
+from kseg.codecs import rle
+from kseg.core.errors import ConfigError, DataError
+from kseg.io.sample import (
+    Sample,
+    image_and_annotation,
+    list_dsb_ids,
+    list_images,
+    preview,
+    read_cached,
+    read_image,
+    resolve_image,
+)
 
 ID_COLUMNS = ("ImageId", "id", "img", "Image", "image_id", "ImageId_ClassId")
 RLE_COLUMNS = ("EncodedPixels", "rle_mask", "rle", "EncodedPixel")

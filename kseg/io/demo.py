@@ -6,7 +6,6 @@ the folder layout and CSVs, and the marker that says a folder is a complete demo
 Reading it back is the DSB reader's job, like any real download.
 
 Layout under ``root``::
-
     stage1_train/<id>/images/<id>.png        RGB
     stage1_train/<id>/masks/<mask id>.png    one 0/255 PNG per nucleus
     stage1_test/<id>/images/<id>.png
@@ -30,8 +29,8 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
-from kseg.errors import ConfigError, DataError
-from kseg.rle import encode
+from kseg.codecs.rle import encode
+from kseg.core.errors import ConfigError, DataError
 
 # Bump when the generator's output changes, so old folders are not mistaken for current ones.
 FORMAT_VERSION = 1

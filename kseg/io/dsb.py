@@ -17,8 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
-from kseg.errors import ConfigError, DataError
-from kseg.io.sample import Sample, check_same_size, is_image_file, preview, read_image, read_mask
+from kseg.core.errors import ConfigError, DataError
+from kseg.io.sample import (
+    Sample,
+    check_same_size,
+    is_image_file,
+    preview,
+    read_image,
+    read_mask,
+)
 
 OVERLAP = ("error", "first")
 

@@ -19,8 +19,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from kseg.errors import ConfigError, DataError
-from kseg.io.sample import Sample, check_same_size, list_images, preview, read_image, read_mask
+from kseg.core.errors import ConfigError, DataError
+from kseg.io.sample import (
+    Sample,
+    check_same_size,
+    list_images,
+    preview,
+    read_image,
+    read_mask,
+)
 
 
 class PairedReader:

@@ -11,7 +11,7 @@ import inspect
 from pathlib import Path
 from typing import Protocol
 
-from kseg.errors import ConfigError
+from kseg.core.errors import ConfigError
 from kseg.io.boxes import BOX_LAYOUTS
 from kseg.io.csv_rle import CsvRleReader
 from kseg.io.dsb import DsbReader

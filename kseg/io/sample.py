@@ -12,8 +12,9 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import skimage.io
 
-from kseg.errors import DataError
+from kseg.core.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".gif", ".bmp")
 
@@ -50,8 +51,6 @@ def _read_any(path: Path, flags: int) -> np.ndarray:
         array = cv2.imread(str(path), flags)
     if array is None:
         try:
-            import skimage.io
-
             array = np.asarray(skimage.io.imread(str(path)))
             if array.ndim == 4:  # animated GIF: first frame
                 array = array[0]

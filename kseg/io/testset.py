@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from kseg.errors import ConfigError, DataError
+from kseg.core.errors import ConfigError, DataError
 from kseg.io.csv_rle import ID_COLUMNS, find_column, read_csv_strings
 from kseg.io.dsb import DsbReader
 from kseg.io.sample import list_dsb_ids, list_images, preview, resolve_image

@@ -1,41 +1,31 @@
-"""Segmentation model builders behind a name registry: ``build_model("unet", n_classes=1)``.
+"""Model builders by name, where notebooks and older code import them: ``kseg.models.build_model``,
+``kseg.models.load_model`` and the builders. The code lives in :mod:`kseg.nn` (registry, encoders,
+blocks) and in each family's folder under :mod:`kseg.tasks`.
 
 Every semantic builder returns the Functional *inference* model: one input ``"image"``
 (B, H, W, C) and one output (B, H, W, n_out), ``"probs"`` (sigmoid/softmax, float32) or
 ``"logits"`` when ``activation=None``; the float32 ``"logits"`` layer is always present.
 """
 
-from kseg.models.backbones import ENCODERS, build_encoder, encoder_preprocess, vgg_backbone
-from kseg.models.blocks import (
-    TARGET_NAMES,
+from kseg.nn.backbones import ENCODERS, build_encoder, encoder_preprocess, vgg_backbone
+from kseg.nn.blocks import (
     BilinearUpsampleInitializer,
     bilinear_kernel,
     check_input_size,
     nearest_valid_sizes,
-    output_channels,
-    target_channels,
 )
-from kseg.models.fcn import fcn, fcn8s, fcn16s, fcn32s
-from kseg.models.registry import (
+from kseg.nn.registry import (
     build_model,
     get_model_entry,
     input_divisor,
     list_models,
     register_model,
 )
-from kseg.models.unet import unet
-
-
-def load_model(path):
-    """Load a saved ``.keras`` model (e.g. a run's ``best.keras``) without compiling it.
-
-    Importing this package registers kseg's custom layers and initializers, which Keras needs
-    to rebuild a saved model; always load through here (or import ``kseg.models`` first).
-    """
-    import keras
-
-    list_models()  # imports every built-in model module, which registers its custom layers
-    return keras.saving.load_model(path, compile=False)
+from kseg.tasks.base import load_model
+from kseg.tasks.semantic.fcn import fcn, fcn8s, fcn16s, fcn32s
+from kseg.tasks.semantic.heads import TARGET_NAMES, output_channels
+from kseg.tasks.semantic.targets import target_channels
+from kseg.tasks.semantic.unet import unet
 
 __all__ = [
     "ENCODERS",

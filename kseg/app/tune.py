@@ -1,0 +1,146 @@
+"""Tune post-processing (threshold, minimum object size, marker threshold) on a run's validation
+split and save the best values beside the checkpoint as ``postprocess.json``.
+
+The split is the one training held out (same cache, strata and ``kfold_split`` arguments from the
+run's config), and predictions go through the same path as ``make submit``: original-size images,
+the run's TTA and tiling, probabilities mapped back to the original size, then the submission
+format's post-processing and metric. The config's own values are always a candidate, so the saved
+values never score below them on this split.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from kseg.core import runs
+from kseg.core.errors import ConfigError
+from kseg.core.fileio import atomic_write_text
+from kseg.core.runs import run_config
+from kseg.data.pipeline import preprocess_train, train_reader
+from kseg.data.split import fold_strata, split_ids
+from kseg.metrics.evaluators import MeanScore, evaluate
+from kseg.metrics.scores import score_image
+from kseg.submission.formats import get_format
+from kseg.tasks.base import load_run, task_class
+from kseg.tasks.semantic.postprocess import POSTPROCESS_KEYS, probabilities_to_target
+from kseg.tasks.semantic.predictor import Predictor
+
+TUNED_NAME = runs.TUNED
+DEFAULT_THRESHOLDS = tuple(np.round(np.arange(0.30, 0.701, 0.05), 2).tolist())
+DEFAULT_MIN_SIZES = (0, 4, 8, 16, 32, 64, 128)
+INSTANCE_METHODS = ("components", "distance", "markers")
+
+
+def validation_split(cfg) -> tuple[object, list[str]]:
+    """(training reader, validation ids) exactly as the run's training split them."""
+    data = preprocess_train(cfg)
+    _, valid_ids = split_ids(cfg, data.ids, fold_strata(cfg, data))
+    return train_reader(cfg), valid_ids
+
+
+def _grid(base: dict, method: str, thresholds: Sequence[float], min_sizes: Sequence[int]) -> list[dict]:
+    return [{**base, "method": method, "threshold": float(threshold), "min_size": int(min_size)}
+            for threshold, min_size in itertools.product(thresholds, min_sizes)]
+
+
+def tune_postprocess(run_dir: str | Path, overrides: Sequence[str] = (), thresholds: Sequence[float] | None = None,
+                     min_sizes: Sequence[int] | None = None, marker_thresholds: Sequence[float] | None = None,
+                     methods: Sequence[str] | None = None, limit: int | None = None,
+                     progress: bool = True) -> dict:
+    """Grid-search post-processing on the validation split; write and return ``postprocess.json``.
+
+    For each method (default: every instance-separation method the model's channels allow),
+    threshold x min_size are searched jointly; for ``markers`` the marker threshold is then searched
+    with the best pair fixed. The best setting of each method is kept in the record's ``methods``.
+    """
+    run_dir = Path(run_dir)
+    run_cfg = run_config(run_dir, overrides)
+    model_name = run_cfg.model.name
+    task = task_class(model_name)
+    if task.kind != "semantic":
+        raise ConfigError(task.tuning_hint.format(run=run_dir.name, model=model_name))
+    member = load_run(run_dir, overrides=overrides, checkpoint=str(run_cfg.predict.checkpoint))
+    cfg = member.cfg
+    fmt = get_format(cfg.submission.format)
+    targets_spec = cfg.generator.targets
+    reader, valid_ids = validation_split(cfg)
+    if limit:
+        valid_ids = valid_ids[:int(limit)]
+    if not valid_ids:
+        raise ConfigError("the validation split is empty; nothing to tune on")
+    predictor = Predictor([member])
+    cases = []
+    for sample_id in tqdm(valid_ids, desc="validation predictions", unit="img", disable=not progress, file=sys.stderr):
+        sample = reader.load(sample_id)
+        cases.append((sample.target, predictor.predict(sample.image)))
+
+    evaluator = MeanScore(functools.partial(score_image, metric=fmt.metric), fmt.metric)
+
+    def mean_score(params: dict) -> float:
+        predictions = [probabilities_to_target(probs, fmt, params, targets_spec) for _, probs in cases]
+        return evaluate(evaluator, [truth for truth, _ in cases], predictions)[fmt.metric]
+
+    base = {k: cfg.postprocess[k] for k in POSTPROCESS_KEYS if k in cfg.postprocess}
+    configured = base.get("method", "components")
+    instance_output = fmt.rows == "instance" and targets_spec != "classes"
+    if not instance_output:
+        methods = [configured]
+    elif methods is None:
+        # Every method that the model's channels support, so the user sees which separation wins.
+        methods = INSTANCE_METHODS if targets_spec in ("mask+border", "mask+center") else ("components", "distance")
+    thresholds, min_sizes = thresholds or DEFAULT_THRESHOLDS, min_sizes or DEFAULT_MIN_SIZES
+    scores: list[dict] = []
+
+    def search(grid) -> tuple[dict, float]:
+        best, best_score = None, -np.inf
+        for params in grid:
+            score = mean_score(params)
+            scores.append({**params, "score": score})
+            if score > best_score:  # strictly better: ties keep the earlier setting
+                best, best_score = params, score
+        return best, best_score
+
+    total = 1 + len(methods) * len(thresholds) * len(min_sizes)
+    bar = tqdm(total=total, desc="post-processing grid", unit="setting", disable=not progress, file=sys.stderr)
+    best, best_score = search([dict(base)])
+    config_score = best_score
+    bar.update()
+    per_method = {}
+    for method in methods:
+        grid = _grid(base, method, thresholds, min_sizes)
+        method_best, method_score = search(grid)
+        bar.update(len(grid))
+        if method == "markers":  # marker threshold searched with the best threshold / size fixed
+            markers = [{**method_best, "marker_threshold": float(m)} for m in marker_thresholds or DEFAULT_THRESHOLDS]
+            marker_best, marker_score = search(markers)
+            if marker_score > method_score:
+                method_best, method_score = marker_best, marker_score
+        per_method[method] = {"params": method_best, "score": method_score}
+        if method_score > best_score:
+            best, best_score = method_best, method_score
+    bar.close()
+    record = {
+        "params": best,
+        "score": best_score,
+        "config_score": config_score,
+        "methods": per_method,
+        "metric": fmt.metric,
+        "format": fmt.name,
+        "images": len(valid_ids),
+        "split": {"n_folds": cfg.split.n_folds, "fold": cfg.split.fold, "seed": cfg.split.seed},
+        "checkpoint": member.checkpoint,
+        "tta": list(predictor.tta),
+        "tuned": datetime.now().isoformat(timespec="seconds"),
+        "grid": scores,
+    }
+    atomic_write_text(run_dir / TUNED_NAME, json.dumps(record, indent=1))
+    return record

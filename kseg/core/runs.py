@@ -1,0 +1,121 @@
+"""Run directories ``runs/<dataset>-<model>-<time>/``: the names of the files in them, their
+status (running / finished, with the fingerprint of the config that must match to resume), the
+newest run, and a run's saved config and tuned post-processing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from datetime import datetime
+from pathlib import Path
+
+import yaml
+
+from kseg.core.config import (
+    BASE_NAME,
+    PIPELINES_DIR,
+    Config,
+    apply_overrides,
+    deep_merge,
+    load_raw,
+    project_path,
+)
+from kseg.core.errors import DataError
+from kseg.core.fileio import atomic_write_text
+
+# The files of a run directory.
+CONFIG = "config.yaml"  # the resolved config the run trained with
+STATUS = "status.json"  # running | finished, and the fingerprint that a resume must match
+BEST = "best.keras"  # inference model of the best monitored epoch
+LAST = "last.keras"  # inference model of the last epoch
+CHECKPOINT_STATE = "checkpoint_state.json"  # the best score and epoch, kept across a resume
+HISTORY = "history.csv"  # one row per epoch (Keras CSVLogger)
+RESULTS = "results.json"  # final validation score, baselines, timing
+LOGS = "logs"  # TensorBoard
+BACKUP = "backup"  # Keras BackupAndRestore state of an unfinished run
+TUNED = "postprocess.json"  # make tune's post-processing
+
+
+# -- run directories --------------------------------------------------------------------------------
+def _run_prefix(cfg: Config) -> str:
+    return f"{cfg.dataset.name}-{cfg.model.name}"
+
+
+def training_fingerprint(cfg: Config) -> str:
+    """What must match for an unfinished run to be resumed (not where the logs go)."""
+    return cfg.fingerprint("dataset", "preprocess", "augment", "generator", "split", "model", "train", "postprocess",
+                          "detection")
+
+
+def find_resumable_run(cfg: Config) -> Path | None:
+    runs = project_path(cfg.train.runs_dir)
+    if not runs.is_dir():
+        return None
+    fingerprint = training_fingerprint(cfg)
+    for run in sorted(runs.glob(f"{_run_prefix(cfg)}-*"), reverse=True):
+        status_file = run / STATUS
+        if not status_file.is_file():
+            continue
+        status = json.loads(status_file.read_text())
+        if status.get("state") == "running" and status.get("fingerprint") == fingerprint:
+            return run
+    return None
+
+
+def new_run_dir(cfg: Config) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    run = project_path(cfg.train.runs_dir) / f"{_run_prefix(cfg)}-{stamp}"
+    suffix = 1
+    while run.exists():
+        run = run.with_name(f"{_run_prefix(cfg)}-{stamp}-{suffix}")
+        suffix += 1
+    run.mkdir(parents=True)
+    return run
+
+
+def write_status(run: Path, cfg: Config, state: str, **extra) -> None:
+    status = {"state": state, "fingerprint": training_fingerprint(cfg), **extra}
+    atomic_write_text(run / STATUS, json.dumps(status, indent=1))
+
+
+def newest_run(runs_dir: str | Path = "runs", finished_only: bool = True, pattern: str = "*") -> Path | None:
+    """The newest run directory (by its status file's time) whose name matches ``pattern``,
+    optionally only finished ones."""
+    runs = project_path(runs_dir)
+    candidates = sorted(runs.glob(f"{pattern}/{STATUS}"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for status_file in candidates:
+        if not finished_only or json.loads(status_file.read_text()).get("state") == "finished":
+            return status_file.parent
+    return None
+
+
+def run_config(run_dir: str | Path, overrides: Iterable[str] = ()) -> Config:
+    """A run's resolved ``config.yaml``, with sections added to ``_base.yaml`` since training
+    filled in from it (so old runs gain e.g. ``predict`` defaults), then ``overrides``."""
+
+    path = Path(run_dir) / CONFIG
+    if not path.is_file():
+        raise DataError("run directory has no config.yaml (is it a kseg run directory?)", Path(run_dir))
+    saved = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(saved, dict):
+        raise DataError("config.yaml does not hold a mapping", path)
+    merged = dict(saved)
+    for key, default in load_raw(PIPELINES_DIR / BASE_NAME).items():
+        if key not in merged:
+            merged[key] = default
+        elif key != "model" and isinstance(default, dict) and isinstance(merged[key], dict):
+            # model.args belong to the run's builder: never mix in the base's.
+            merged[key] = deep_merge(default, merged[key])
+    return Config(apply_overrides(merged, overrides))
+
+
+def tuned_postprocess(run_dir: str | Path) -> dict:
+    """The run's ``postprocess.json`` values (from ``kseg tune``), or {} when it was not tuned."""
+    path = Path(run_dir) / TUNED
+    if not path.is_file():
+        return {}
+    try:
+        return dict(json.loads(path.read_text())["params"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"unreadable tuned post-processing ({exc}); delete it or re-run kseg tune", path) from exc

@@ -1,0 +1,153 @@
+"""The one fit loop, over any task: run directory, resume, status, distribution, callbacks and
+the final report.
+
+``train(cfg)`` asks ``cfg.model.name``'s task (:mod:`kseg.tasks.base`) for its data, models and
+batches and fits with:
+validation score (the task's predictions scored by its evaluator) -> learning rate in the logs ->
+checkpoints of the inference model (best on the monitor, last every epoch) -> CSV log ->
+TensorBoard scalars -> the task's TensorBoard pictures -> BackupAndRestore -> TerminateOnNaN ->
+learning-rate schedule -> EarlyStopping.
+
+Run directories are ``runs/<dataset>-<model>-<time>/`` (:mod:`kseg.core.runs`). A run that did
+not finish is resumed by the next ``train`` with the same config (BackupAndRestore restores
+weights, optimizer and epoch; the interrupted epoch is replayed from its first batch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import keras
+
+from kseg.core import runs
+from kseg.core.config import Config
+from kseg.core.fileio import atomic_write_text
+from kseg.data.split import split_ids
+from kseg.engine.callbacks import EpochSync, InferenceCheckpoint, LearningRateLogger
+from kseg.engine.distribute import set_determinism, set_mixed_precision, strategy_scope
+from kseg.engine.tf_data import variable_size_input
+from kseg.metrics.evaluators import evaluate
+from kseg.nn.callbacks import ValidationScore
+from kseg.tasks.base import Task, get_task, load_model
+
+
+@dataclasses.dataclass
+class TrainResult:
+    run_dir: Path
+    history: dict
+    val_score: float
+    baselines: dict
+    monitor: str
+    seconds: float
+
+
+def optimizer(cfg: Config, steps_per_epoch: int):
+    t = cfg.train
+    rate = float(t.learning_rate)
+    if t.schedule == "cosine":
+        rate = keras.optimizers.schedules.CosineDecay(rate, decay_steps=max(1, t.epochs * steps_per_epoch),
+                                                      alpha=0.05)
+    return keras.optimizers.Adam(learning_rate=rate)
+
+
+def schedule_callbacks(cfg: Config, monitor: str) -> list[keras.callbacks.Callback]:
+    """Learning-rate plateau and early stopping on the (maximised) validation monitor, as configured."""
+    t = cfg.train
+    callbacks = []
+    if t.schedule == "plateau":
+        callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode="max", factor=0.5,
+                                                           patience=int(t.plateau_patience), min_lr=1e-5))
+    if t.early_stopping:
+        callbacks.append(keras.callbacks.EarlyStopping(monitor=monitor, mode="max", patience=int(t.early_stopping)))
+    return callbacks
+
+
+def score_predictions(task: Task, predictions, truths, prefix: str = "") -> dict[str, float]:
+    """The task's evaluator over one set of predictions; names prefixed when there are several."""
+    scores = evaluate(task.evaluator(), truths, predictions)
+    if len(scores) == 1 and prefix:
+        return {prefix: next(iter(scores.values()))}
+    return {f"{prefix}_{name}" if prefix else name: value for name, value in scores.items()}
+
+
+def open_run(cfg: Config, run_dir: Path | None) -> tuple[Path, bool]:
+    """The run directory (given, an unfinished one of the same config, or a new one), marked running."""
+    resumed = run_dir is None and runs.find_resumable_run(cfg)
+    run = Path(run_dir or resumed or runs.new_run_dir(cfg))
+    run.mkdir(parents=True, exist_ok=True)
+    cfg.dump(run / runs.CONFIG)
+    runs.write_status(run, cfg, "running", started=datetime.now().isoformat(timespec="seconds"))
+    print(f"run directory: {run}" + (" (resuming an unfinished run)" if resumed else ""), file=sys.stderr)
+    return run, bool(resumed)
+
+
+def train(cfg: Config, run_dir: Path | None = None,
+          extra_callbacks: list[keras.callbacks.Callback] | tuple = ()) -> TrainResult:
+    """Fit ``cfg``'s model; resumes the newest unfinished run of the same config unless ``run_dir``
+    is given. ``extra_callbacks`` run after the built-in ones."""
+    task = get_task(cfg)
+    start = time.perf_counter()
+    t = cfg.train
+    set_determinism(int(t.seed), bool(t.deterministic))
+    policy = set_mixed_precision(bool(t.mixed_precision))
+    ids, groups = task.prepare()
+    train_ids, valid_ids = split_ids(cfg, ids, groups)
+    run, _ = open_run(cfg, run_dir)
+
+    scope, placement, replicas = strategy_scope(str(t.strategy))
+    with scope:
+        built = task.build(train_ids, valid_ids)
+        built.training.compile(optimizer=optimizer(cfg, len(built.batches)), jit_compile=bool(t.xla))
+    inference = built.inference
+    what = f"; {built.description}" if built.description else ""
+    print(f"{placement}; policy {policy}; {inference.count_params():,} parameters{what}; "
+          f"{len(train_ids)} train / {len(valid_ids)} validation images", file=sys.stderr)
+
+    images, truths = task.validation(valid_ids)
+    monitor = task.monitor
+    logs_dir = run / runs.LOGS
+    callbacks = [
+        EpochSync(built.batches),
+        ValidationScore(lambda: score_predictions(task, task.predict_many(inference, images), truths),
+                        every=int(t.score_every)),
+        LearningRateLogger(),
+        InferenceCheckpoint(inference, run, monitor=monitor, mode="max"),
+        keras.callbacks.CSVLogger(str(run / runs.HISTORY), append=True),
+        keras.callbacks.TensorBoard(log_dir=str(logs_dir), write_graph=False),
+        *task.callbacks(inference, logs_dir, images, truths),
+        keras.callbacks.BackupAndRestore(str(run / runs.BACKUP), save_freq="epoch", delete_checkpoint=True),
+        keras.callbacks.TerminateOnNaN(raise_error=True),
+    ]
+    callbacks += schedule_callbacks(cfg, monitor) + list(extra_callbacks)
+
+    # Whole-image validation batches hold one image, which several replicas cannot split (Keras then
+    # fails reducing the replicas' outputs): with more than one replica val_loss is left out and the
+    # validation score, computed image by image, is the only validation figure.
+    validation = None
+    if built.validation_data is not None:
+        if replicas == 1:
+            validation = variable_size_input(built.validation_data)
+        else:
+            print(f"{replicas} replicas: no val_loss (whole-image validation batches hold one image); {monitor} "
+                  "is computed as usual", file=sys.stderr)
+    history = built.training.fit(built.batches, validation_data=validation, epochs=int(t.epochs),
+                                 callbacks=callbacks, verbose=int(t.verbose))
+
+    best = load_model(run / runs.BEST) if (run / runs.BEST).is_file() else inference
+    final = score_predictions(task, task.predict_many(best, images), truths)
+    first, *others = final
+    scores = {"val_score": final[first], **{f"val_{name}": final[name] for name in others}}
+    baselines = {}
+    for name, predictions in task.baselines(images, truths).items():
+        baselines.update(score_predictions(task, predictions, truths, prefix=name))
+    seconds = time.perf_counter() - start
+    summary = {"monitor": monitor, **scores, "baselines": baselines, "seconds": round(seconds, 1),
+               "train_images": len(train_ids), "valid_images": len(valid_ids), "placement": placement}
+    atomic_write_text(run / runs.RESULTS, json.dumps(summary, indent=1, default=float))
+    runs.write_status(run, cfg, "finished", finished=datetime.now().isoformat(timespec="seconds"), **summary)
+    return TrainResult(run, history.history, float(scores["val_score"]), baselines, monitor, seconds)

@@ -1,0 +1,103 @@
+"""``make submit``: the one submission loop, for every family.
+
+run(s) -> the run's task -> its ``Submission`` (what reads, predicts and draws a test image)
+-> for each test image: target -> the format's rows -> write the CSV (atomically) -> contact sheet
+of outlines or boxes -> validate the CSV as the scorer would read it (non-zero exit on failure).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from kseg.core.config import project_path
+from kseg.core.errors import ConfigError, DataError
+from kseg.core.pictures import contact_sheet, outline_panel, write_png
+from kseg.core.runs import run_config
+from kseg.io.testset import discover_test_ids
+from kseg.submission.formats import FORMATS, SubmissionFormat, get_format
+from kseg.submission.validation import ValidationReport, validate_submission
+from kseg.submission.writing import (
+    box_rows,
+    prediction_rows,
+    submission_path,
+    write_submission,
+)
+from kseg.tasks.base import get_task, load_run
+
+
+@dataclasses.dataclass
+class SubmissionResult:
+    csv: Path
+    sheet: Path | None
+    report: ValidationReport
+    postprocess: dict
+    runs: list[Path]
+
+
+def target_rows(image_id: str, target, fmt: SubmissionFormat, num_classes: int | None) -> list[tuple]:
+    """The CSV rows of one image's target: boxes (box formats) or a label image / mask."""
+    if fmt.boxes:
+        return box_rows(image_id, target["boxes"], target["scores"])
+    return prediction_rows(image_id, target, fmt, num_classes or 1)
+
+
+def test_items(cfg, fmt: SubmissionFormat, test_dir=None, sample=None) -> tuple[list[tuple[str, Path]], Path | None]:
+    """``(id, image path)`` of the test images and the sample submission that lists them (if any)."""
+    root = project_path(cfg.dataset.root) if cfg.dataset.root else None
+    if test_dir is None:
+        if root is None or not cfg.dataset.test:
+            raise ConfigError(f"dataset {cfg.dataset.name!r} names no test folder: pass TEST_DIR=folder "
+                              "(--test-dir)")
+        test_dir = root / cfg.dataset.test
+        if sample is None and cfg.dataset.sample_submission:
+            sample = root / cfg.dataset.sample_submission
+    if sample is not None and not Path(sample).is_file():
+        raise DataError("sample submission does not exist", sample)
+    return discover_test_ids(Path(test_dir), sample, id_style=fmt.id_style), sample
+
+
+def make_submission(runs: Sequence[str | Path], overrides: Sequence[str] = (), test_dir: str | Path | None = None,
+                    sample: str | Path | None = None, out_dir: str | Path | None = None,
+                    data_root: str | Path | None = None, progress: bool = True) -> SubmissionResult:
+    """Predict every test image with the run(s), write the CSV and contact sheet, validate the CSV.
+
+    ``runs``: one run directory, or several (e.g. one per fold) whose probabilities are averaged
+    when the family can; the first run's config decides format, post-processing and TTA.
+    ``test_dir`` and ``sample`` replace the config's test folder and sample submission; given a
+    ``test_dir`` alone, its images define the rows (the config's sample submission lists another
+    folder's ids).
+    """
+    runs = [Path(r) for r in runs]
+    if not runs:
+        raise ConfigError("no run to submit from")
+    if data_root is not None:
+        overrides = [f"dataset.root={data_root}", *overrides]
+    cfg = run_config(runs[0], overrides)
+    task = get_task(cfg)
+    fmt = get_format(cfg.submission.format)
+    task.check_format(fmt, runs, tuple(FORMATS.values()))
+    members = [load_run(r, str(cfg.predict.checkpoint), overrides) for r in runs]
+    items, sample = test_items(cfg, fmt, test_dir, sample)
+    submission = task.submission(members, fmt, overrides)
+
+    rows, sizes, panels = [], {}, []
+    sheet_count = int(cfg.submission.sheet_images or 0)
+    for image_id, path in tqdm(items, desc="predict", unit="img", disable=not progress, file=sys.stderr):
+        image = submission.read(path)
+        target = submission.predict(image)
+        rows.extend(target_rows(image_id, target, fmt, submission.num_classes))
+        sizes[image_id] = image.shape[:2]
+        if len(panels) < sheet_count:
+            panels.append(outline_panel(*submission.panel(image, target)))
+
+    csv_path = submission_path(cfg, runs, out_dir)
+    write_submission(csv_path, rows, fmt)
+    sheet = write_png(csv_path.with_suffix(".png"), contact_sheet(panels)) if panels else None
+    report = validate_submission(csv_path, fmt, sizes, sample=sample, expected_ids=[i for i, _ in items],
+                                 num_classes=submission.num_classes if fmt.rows == "image_class" else None)
+    return SubmissionResult(csv_path, sheet, report, dict(submission.postprocess), list(runs))

@@ -1,0 +1,157 @@
+"""The semantic family as a task: U-Net / FCN (any builder registered with ``task="semantic"``)
+predicting per-pixel probabilities, trained through the weight-map graph.
+
+Validation images are whole images padded to the model's divisor; probabilities become the
+target the monitor scores: instance label images (post-processing, DSB IoU-mAP) on instance
+datasets, the thresholded foreground (pixel IoU of ``train.score_class``) on semantic ones.
+Baselines: Otsu + connected components, and on semantic data the trivial "all foreground".
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from kseg.core.config import Config
+from kseg.core.errors import ConfigError
+from kseg.data.masks import otsu_baseline
+from kseg.data.pipeline import preprocess_train
+from kseg.data.split import fold_strata
+from kseg.io.sample import read_image
+from kseg.metrics.evaluators import MeanScore
+from kseg.metrics.masks import iou_map
+from kseg.metrics.scores import class_iou
+from kseg.nn.predict import predict_image
+from kseg.nn.registry import build_model, input_divisor
+from kseg.tasks.base import Built, LoadedModel, Task, register_task
+from kseg.tasks.semantic.batches import make_batches
+from kseg.tasks.semantic.callbacks import TensorBoardImages
+from kseg.tasks.semantic.postprocess import (
+    instances_from_probabilities,
+    probabilities_to_target,
+    resolve_postprocess,
+)
+from kseg.tasks.semantic.predictor import Predictor
+from kseg.tasks.semantic.training_graph import build_training_model
+
+
+def build_models(cfg: Config, channels: int):
+    """(inference model, training model) from one builder call."""
+    args = dict(cfg.model.args or {})
+    targets = cfg.generator.targets
+    if targets == "classes":
+        if int(args.get("n_classes", 0)) < 2 or cfg.train.loss != "ce":
+            raise ConfigError("generator.targets 'classes' needs model.args.n_classes >= 2 (background "
+                              "included) and a softmax loss (train.loss: ce)")
+    else:
+        args.pop("n_classes", None)
+        args["targets"] = targets
+    inference = build_model(cfg.model.name, input_shape=(None, None, channels), **args)
+    training = build_training_model(inference, loss=cfg.train.loss, loss_kwargs=dict(cfg.train.loss_args or {}))
+    return inference, training
+
+
+def pad_multiple(cfg: Config) -> int:
+    """Validation images are padded to a multiple of the model's total stride."""
+    return int(input_divisor(cfg.model.name, **dict(cfg.model.args or {})))
+
+
+def class_count(cfg: Config, probabilities: np.ndarray) -> int:
+    """Classes per image for per-class formats: ``submission.num_classes``, else the model's."""
+    if cfg.submission.num_classes:
+        return int(cfg.submission.num_classes)
+    return probabilities.shape[-1] - 1 if cfg.generator.targets == "classes" else 1
+
+
+@register_task
+class SemanticTask(Task):
+    """Per-pixel probabilities (see the module notes)."""
+
+    name = "semantic"
+    kind = "semantic"
+    ensemble = True
+
+    def prepare(self):
+        self.data = preprocess_train(self.cfg)
+        return list(self.data.ids), fold_strata(self.cfg, self.data)
+
+    @property
+    def instance(self) -> bool:
+        """Instance datasets are scored on label images, semantic ones on the foreground mask."""
+        return self.data.kind == "instance"
+
+    def build(self, train_ids, valid_ids) -> Built:
+        cfg = self.cfg
+        inference, training = build_models(cfg, int(cfg.preprocess.channels))
+        self.divisor = pad_multiple(cfg)
+        train_batches, valid_batches = make_batches(cfg, self.data, train_ids, valid_ids, pad_multiple=self.divisor,
+                                                    output="graph")
+        return Built(inference, training, train_batches, validation_data=valid_batches)
+
+    def validation(self, valid_ids):
+        self.valid_arrays = [self.data.load(i) for i in valid_ids]
+        images = [a["image"].astype(np.float32) / 255 for a in self.valid_arrays]
+        truths = [a["target"] for a in self.valid_arrays]
+        return images, truths
+
+    def evaluator(self) -> MeanScore:
+        if self.instance:
+            return MeanScore(iou_map, "iou_map")
+        score_class = int(self.cfg.train.score_class)
+        return MeanScore(functools.partial(class_iou, score_class=score_class), f"class{score_class}_iou")
+
+    def target(self, probabilities: np.ndarray) -> np.ndarray:
+        """What the monitor scores: instance labels, or the thresholded foreground channel."""
+        post = dict(self.cfg.postprocess)
+        if self.instance:
+            return instances_from_probabilities(probabilities, **post)
+        return probabilities[..., 0] > float(post["threshold"])
+
+    def predict_many(self, model, images):
+        return [self.target(predict_image(model, image, self.divisor)) for image in images]
+
+    def callbacks(self, inference, logs_dir: Path, images, truths):
+        weights = [a.get("weight", np.ones(a["target"].shape, np.float32)) for a in self.valid_arrays]
+        return [TensorBoardImages(inference, logs_dir, images, [np.asarray(t) for t in truths], weights,
+                                  pad_multiple=self.divisor, every=int(self.cfg.train.image_every))]
+
+    def baselines(self, images, truths):
+        otsu = [otsu_baseline(a["image"], min_size=int(self.cfg.postprocess.min_size)) for a in self.valid_arrays]
+        if self.instance:
+            return {"otsu": otsu}
+        return {"otsu": [labels > 0 for labels in otsu],
+                "all_foreground": [np.ones(t.shape, bool) for t in truths]}
+
+    # -- submission -------------------------------------------------------------------------------
+    def check_format(self, fmt, runs, formats=()):
+        if fmt.boxes:
+            raise ConfigError(f"submission.format {fmt.name} holds boxes but run {runs[0].name} is a segmentation "
+                              f"model ({self.cfg.model.name})")
+
+    def submission(self, members: Sequence[LoadedModel], fmt, overrides=()):
+        return SemanticSubmission(self.cfg, members, fmt, overrides)
+
+
+class SemanticSubmission:
+    """Test images -> probabilities (the members averaged, TTA, tiles) -> the format's target."""
+
+    def __init__(self, cfg: Config, members: Sequence[LoadedModel], fmt, overrides=()):
+        self.cfg, self.fmt = cfg, fmt
+        self.postprocess = resolve_postprocess(members[0].run_dir, cfg, overrides)
+        self.predictor = Predictor(members)
+        self.num_classes: int | None = None
+
+    def read(self, path: Path) -> np.ndarray:
+        return read_image(path)
+
+    def predict(self, image: np.ndarray) -> np.ndarray:
+        probabilities = self.predictor.predict(image)
+        if self.num_classes is None:
+            self.num_classes = class_count(self.cfg, probabilities)
+        return probabilities_to_target(probabilities, self.fmt, self.postprocess, self.cfg.generator.targets)
+
+    def panel(self, image: np.ndarray, target: np.ndarray):
+        return image, target

@@ -1,0 +1,133 @@
+"""U-Net (Ronneberger et al., 2015) with an optional ``keras.applications`` encoder.
+
+Plain U-Net layer names (level i works at stride 2**i): encoder blocks ``enc{i}`` (output
+``enc{i}_out``, the skip), ``pool{i}``, ``bottleneck`` (+ ``bottleneck_dropout``), decoder
+``up{i}_out`` -> ``concat{i}`` -> ``dec{i}`` and the head ``head`` -> ``logits`` -> ``probs``.
+With an encoder the contracting path is the nested model ``"encoder"``
+(``model.get_layer("encoder")``, e.g. to freeze it) whose outputs are the skips named in
+``kseg.nn.backbones.ENCODERS``; the decoder is the same.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import keras
+from keras import layers
+
+from kseg.core.errors import ConfigError
+from kseg.nn.backbones import build_encoder, get_encoder_spec
+from kseg.nn.blocks import (
+    check_input_size,
+    conv_block,
+    input_normalization,
+    residual_block,
+    upsample_block,
+)
+from kseg.nn.registry import register_model
+from kseg.tasks.semantic.heads import AUTO, resolve_head, segmentation_head
+
+
+def unet_depth(depth: int | None = None, encoder: str | None = None) -> int:
+    """The depth actually used: 4 for the plain U-Net, 5 (stride 32) with an encoder."""
+    if depth is None:
+        return 4 if encoder is None else get_encoder_spec(encoder).max_depth
+    return int(depth)
+
+
+def unet_divisor(depth: int | None = None, encoder: str | None = None, **_: Any) -> int:
+    """Input height and width must be multiples of 2**depth."""
+    return 2 ** unet_depth(depth, encoder)
+
+
+@register_model("unet", divisor=unet_divisor)
+def unet(
+    input_shape: Sequence[int | None] = (None, None, 3),
+    n_classes: int | None = None,
+    *,
+    targets: str | None = None,
+    depth: int | None = None,
+    base_filters: int = 16,
+    batch_norm: bool = True,
+    dropout: float = 0.0,
+    upsampling: str = "transpose",
+    residual: bool = False,
+    activation: str | None = AUTO,
+    encoder: str | None = None,
+    encoder_weights: str | Path | None = None,
+    input_norm: str | None = None,
+    name: str = "unet",
+) -> keras.Model:
+    """Build the U-Net inference model: image (B, H, W, C) -> per-pixel output (B, H, W, n_out).
+
+    Args:
+        input_shape: (H, W, C); H and W may be None (any multiple of 2**depth at run time).
+        n_classes: output channels (default 1). For softmax, count the background class.
+        targets: multi-label alternative to n_classes, e.g. ``"mask+border"`` (2 sigmoid
+            channels in that order, see ``kseg.tasks.semantic.heads.TARGET_NAMES``).
+        depth: number of 2x downsamplings; default 4, or 5 with an encoder (at most 5 there).
+        base_filters: filters at full resolution; level i uses base_filters * 2**i (also the
+            decoder widths with an encoder: 16 -> 256, 128, 64, 32, 16).
+        batch_norm: BatchNorm after every convolution of the plain encoder and the decoder.
+        dropout: Dropout rate at the end of the contracting path (the bottleneck), as in the
+            paper.
+        upsampling: ``"transpose"`` (2x2 up-convolution) or ``"bilinear"`` (+ 1x1 conv).
+        residual: residual blocks instead of plain double convolutions.
+        activation: ``"auto"`` (sigmoid for one channel or ``targets``, softmax otherwise),
+            ``"sigmoid"``, ``"softmax"`` or None (the model then outputs ``"logits"``).
+        encoder: None, ``"resnet50"``, ``"efficientnetb0"`` or ``"vgg16"`` (each expects its
+            own input scaling: ``kseg.nn.backbones.encoder_preprocess``).
+        encoder_weights: local weights file for the encoder (include_top=False); never
+            downloaded.
+        input_norm: None (inputs as given) or ``"image"`` (each image standardised per channel
+            by an ``ImageStandardization`` layer; plain encoder only).
+    """
+    n_out, activation = resolve_head(n_classes, targets, activation)
+    if len(input_shape) != 3:
+        raise ConfigError(f"input_shape must be (height, width, channels), got {input_shape}")
+    if upsampling not in ("transpose", "bilinear"):
+        raise ConfigError(f"upsampling must be 'transpose' or 'bilinear', got {upsampling!r}")
+    if not 0.0 <= float(dropout) < 1.0:
+        raise ConfigError(f"dropout must be in [0, 1), got {dropout}")
+    if int(base_filters) < 1:
+        raise ConfigError(f"base_filters must be >= 1, got {base_filters}")
+    if input_norm is not None and encoder is not None:
+        raise ConfigError("input_norm applies to the plain U-Net; an encoder expects its own input scaling")
+    if encoder_weights is not None and encoder is None:
+        raise ConfigError("encoder_weights needs an encoder ('resnet50', 'efficientnetb0', 'vgg16')")
+    depth = unet_depth(depth, encoder)
+    if depth < 1:
+        raise ConfigError(f"depth must be >= 1, got {depth}")
+    check_input_size(input_shape[0], input_shape[1], 2**depth, what=f"{name} input")
+
+    block = residual_block if residual else conv_block
+    inputs = keras.Input(shape=tuple(input_shape), name="image")
+
+    skips: dict[int, Any] = {}
+    if encoder is None:
+        x = input_normalization(inputs, input_norm)
+        for i in range(depth):
+            x = block(x, base_filters * 2**i, batch_norm=batch_norm, name=f"enc{i}")
+            skips[2**i] = x
+            x = layers.MaxPooling2D(2, name=f"pool{i}")(x)
+        x = block(x, base_filters * 2**depth, batch_norm=batch_norm, name="bottleneck")
+    else:
+        enc_model, strides = build_encoder(encoder, input_shape, depth=depth,
+                                           weights=encoder_weights)
+        feats = enc_model(inputs)
+        for stride, feat in zip(strides[:-1], feats[:-1]):
+            skips[stride] = feat
+        x = feats[-1]
+    if dropout:
+        x = layers.Dropout(dropout, name="bottleneck_dropout")(x)
+
+    for i in reversed(range(depth)):
+        filters = base_filters * 2**i
+        x = upsample_block(x, filters, mode=upsampling, name=f"up{i}")
+        if 2**i in skips:
+            x = layers.Concatenate(name=f"concat{i}")([x, skips[2**i]])
+        x = block(x, filters, batch_norm=batch_norm, name=f"dec{i}")
+
+    outputs = segmentation_head(x, n_out, activation)
+    return keras.Model(inputs, outputs, name=name)

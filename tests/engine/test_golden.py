@@ -1,0 +1,78 @@
+"""The redesigned code against results recorded with the code before it (tests/golden, see
+record.py there): the old checkpoints load and predict identically, the old run directories still
+submit the same CSVs, and a tiny deterministic 2-epoch run of each family (U-Net, FCN, SSD,
+Mask R-CNN) gives bit-identical weights, validation scores, histories and results."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kseg.submission.make import make_submission
+from kseg.tasks.base import task_class
+
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
+FAMILIES = ("unet", "fcn", "ssd", "maskrcnn")
+VARYING_RESULTS = ("seconds",)  # wall time; everything else in results.json must match
+
+
+def _recorder():
+    spec = importlib.util.spec_from_file_location("golden_record", GOLDEN / "record.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+record = _recorder()
+golden = json.loads((GOLDEN / "golden.json").read_text())
+
+
+def _model(family: str) -> str:
+    return golden["families"][family]["model"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_old_checkpoints_load_and_predict_identically(family):
+    detector = task_class(_model(family)).kind != "semantic"
+    expected = np.load(GOLDEN / family / "prediction.npz")
+    got = record.prediction(GOLDEN / family / "best.keras", detector)
+    assert sorted(got) == sorted(expected.files)
+    for key in expected.files:
+        np.testing.assert_array_equal(got[key], expected[key], err_msg=f"{family}: {key}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_old_run_directories_still_submit_the_same_csv(family, demo_root, tmp_path):
+    assert golden["demo_dataset"] == {"seed": 3, "n_train": 10, "n_test": 2}  # the demo_root fixture's
+    run = tmp_path / family
+    shutil.copytree(GOLDEN / family, run)  # submitting must not need to write into the run
+    result = make_submission([run], overrides=[f"dataset.root={demo_root}"], out_dir=tmp_path / "subs",
+                             progress=False)
+    assert result.csv.read_bytes() == (GOLDEN / family / "submission.csv").read_bytes()
+
+
+@pytest.mark.slow
+def test_tiny_deterministic_runs_reproduce_the_old_code_bit_for_bit(tmp_path):
+    fresh = record.record(tmp_path / "golden")
+    for family in FAMILIES:
+        old, new = golden["families"][family], fresh["families"][family]
+        assert new["overrides_template"] == old["overrides_template"], family
+        for key in ("model", "monitor", "val_score", "history", "best_sha256", "last_sha256"):
+            assert new[key] == old[key], f"{family}: {key}"
+        old_results = json.loads((GOLDEN / family / "results.json").read_text())
+        new_results = json.loads((tmp_path / "golden" / family / "results.json").read_text())
+        for key in VARYING_RESULTS:
+            old_results.pop(key), new_results.pop(key)
+        assert new_results == old_results, family
+        expected = np.load(GOLDEN / family / "prediction.npz")
+        got = np.load(tmp_path / "golden" / family / "prediction.npz")
+        for key in expected.files:
+            np.testing.assert_array_equal(got[key], expected[key], err_msg=f"{family}: {key}")
+        assert (tmp_path / "golden" / family / "submission.csv").read_bytes() == \
+            (GOLDEN / family / "submission.csv").read_bytes(), family
