@@ -1,5 +1,8 @@
-# kseg: `make train` then `make submit`; `make test` runs the suite. The first target that needs
-# Python builds .venv from requirements.txt (re-installed whenever requirements.txt changes).
+# kseg: `make train` then `make submit`; `make test` runs the suite; `make` alone lists the targets.
+# The first target that needs Python builds .venv from requirements.txt (re-installed whenever
+# requirements.txt changes).
+
+.DEFAULT_GOAL := help
 
 PYTHON ?= python3
 VENV   := .venv
@@ -22,11 +25,14 @@ SAMPLE   ?=
 FILE     ?=
 SOLUTION ?=
 KAGGLE   ?=
+# make submit OUTPUT=path/submission.csv writes exactly that file; make predict INPUT=images OUTPUT=folder.
+OUTPUT   ?=
+INPUT    ?=
 
 # Optional command-line pieces, present only when the variable is set.
 OPTS = --dataset $(DATASET) \
        $(if $(MODEL),--model $(MODEL)) \
-       $(if $(DATA),--data $(DATA)) \
+       $(if $(DATA),--data "$(DATA)") \
        $(if $(EPOCHS),--set train.epochs=$(EPOCHS)) \
        $(if $(FOLD),--set split.fold=$(FOLD)) \
        $(if $(N_JOBS),--set preprocess.n_jobs=$(N_JOBS)) \
@@ -36,11 +42,31 @@ OPTS = --dataset $(DATASET) \
 RUN_OPTS = --dataset $(DATASET) \
            $(if $(MODEL),--model $(MODEL)) \
            $(foreach r,$(RUN),--run $(r)) \
-           $(if $(DATA),--data $(DATA)) \
+           $(if $(DATA),--data "$(DATA)") \
            $(foreach s,$(SET),--set $(s))
-FILE_OPTS = $(if $(TEST_DIR),--test-dir $(TEST_DIR))
+FILE_OPTS = $(if $(TEST_DIR),--test-dir "$(TEST_DIR)")
 
-.PHONY: setup demo-data preprocess demo train submit tune validate evaluate test test-fast lint-imports bench tensorboard clean
+.PHONY: help setup demo-data preprocess demo train submit predict tune validate evaluate test test-fast lint-imports bench \
+        tensorboard clean clean-cache clean-runs
+
+help:
+	@echo "kseg targets (variables in capitals, e.g. make train DATASET=dsb2018 EPOCHS=40):"
+	@echo "  train        train DATASET's pipeline (default: the synthetic demo); resumes an unfinished run"
+	@echo "  submit       predict the test set with the newest run (RUN=dir...), write and validate the CSV (OUTPUT=file)"
+	@echo "  predict      predict INPUT (a folder of images) into PNG masks / label images in OUTPUT (a folder)"
+	@echo "  tune         tune post-processing on the run's validation split"
+	@echo "  validate     check a submission CSV (FILE=...)"
+	@echo "  evaluate     score a submission CSV against a solution (FILE=..., SOLUTION=...)"
+	@echo "  demo         the data path alone: demo data, preprocessing, one epoch of augmented batches"
+	@echo "  preprocess   fill the preprocessing cache of DATASET"
+	@echo "  demo-data    write the synthetic demo competition to data/demo"
+	@echo "  tensorboard  serve runs/ in TensorBoard"
+	@echo "  test         import-layer contracts, then the whole test suite (what CI runs)"
+	@echo "  test-fast    the same without the end-to-end runs marked slow"
+	@echo "  bench        every benchmark in bench/"
+	@echo "  clean-cache  delete the preprocessing cache (cache/)"
+	@echo "  clean-runs   delete every trained run (runs/): checkpoints, logs, tuned settings"
+	@echo "  clean        clean-cache only; trained runs are kept (make clean-runs deletes them)"
 
 setup: $(STAMP)
 
@@ -69,7 +95,14 @@ train: $(STAMP)
 # submissions/<dataset>-<run>-<time>.csv and .png (outlines), and fails if the CSV does not validate.
 # KAGGLE=1 uploads it with the kaggle CLI.
 submit: $(STAMP)
-	$(PY) -m kseg submit $(RUN_OPTS) $(FILE_OPTS) $(if $(SAMPLE),--sample $(SAMPLE)) $(if $(filter 1 yes true,$(KAGGLE)),--kaggle)
+	$(PY) -m kseg submit $(RUN_OPTS) $(FILE_OPTS) $(if $(SAMPLE),--sample "$(SAMPLE)") $(if $(OUTPUT),--output "$(OUTPUT)") \
+	    $(if $(filter 1 yes true,$(KAGGLE)),--kaggle)
+
+# Predicts INPUT (a folder of images, or one image) with the newest finished run (RUN=dir) into OUTPUT
+# (a folder): one PNG per image, same stem: a mask, a 16-bit instance label image or a class-index mask.
+predict: $(STAMP)
+	@test -n "$(INPUT)" -a -n "$(OUTPUT)" || { echo "make predict needs INPUT=images OUTPUT=folder"; exit 2; }
+	$(PY) -m kseg predict $(RUN_OPTS) --input "$(INPUT)" --output "$(OUTPUT)"
 
 # Tunes threshold and minimum object size on the run's validation split -> runs/<run>/postprocess.json,
 # which make submit then uses in preference to the config's postprocess section.
@@ -77,11 +110,11 @@ tune: $(STAMP)
 	$(PY) -m kseg tune $(RUN_OPTS)
 
 validate: $(STAMP)
-	$(PY) -m kseg validate $(FILE) $(OPTS) $(FILE_OPTS) $(if $(SAMPLE),--sample $(SAMPLE))
+	$(PY) -m kseg validate $(if $(FILE),"$(FILE)") $(OPTS) $(FILE_OPTS) $(if $(SAMPLE),--sample "$(SAMPLE)")
 
 # Scores FILE against SOLUTION (default: the dataset's solution CSV, e.g. the demo's stage1_solution.csv).
 evaluate: $(STAMP)
-	$(PY) -m kseg evaluate $(FILE) $(if $(SOLUTION),--solution $(SOLUTION)) $(OPTS) $(FILE_OPTS)
+	$(PY) -m kseg evaluate $(if $(FILE),"$(FILE)") $(if $(SOLUTION),--solution "$(SOLUTION)") $(OPTS) $(FILE_OPTS)
 
 # The import-layer contracts (pyproject.toml) first, then the suite.
 test: $(STAMP)
@@ -101,5 +134,11 @@ bench: $(STAMP)
 tensorboard: $(STAMP)
 	$(PY) -m tensorboard.main --logdir runs
 
-clean:
-	rm -rf cache runs
+clean: clean-cache
+	@echo "trained runs in runs/ are kept: make clean-runs deletes them"
+
+clean-cache:
+	rm -rf cache
+
+clean-runs:
+	rm -rf runs

@@ -1,4 +1,4 @@
-"""``python -m kseg COMMAND``: the command line behind the Makefile targets."""
+"""``kseg COMMAND`` (or ``python -m kseg COMMAND``): the command line behind the Makefile targets."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from kseg import __version__
 from kseg.app.evaluate import evaluate_submission
+from kseg.app.predict import PROBABILITIES_SUFFIX, predict_images
 from kseg.app.tune import tune_postprocess
 from kseg.core import runs
 from kseg.core.config import Config, load_config, project_path, registry
@@ -178,7 +180,7 @@ def cmd_submit(args) -> int:
 
     run_dirs = _find_runs(args)
     result = make_submission(run_dirs, overrides=args.overrides, test_dir=args.test_dir, sample=args.sample,
-                             out_dir=args.out_dir, data_root=args.data, progress=not args.quiet)
+                             out_dir=args.out_dir, data_root=args.data, progress=not args.quiet, output=args.output)
     report = result.report
     print(f"run(s): {', '.join(str(r) for r in result.runs)}")
     print(f"post-processing: {result.postprocess}")
@@ -188,6 +190,16 @@ def cmd_submit(args) -> int:
     if args.kaggle:
         competition = run_config(run_dirs[0], args.overrides).submission.competition
         kaggle_submit(result.csv, competition, args.message or f"kseg {result.csv.stem}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    """Predict images into PNG masks / label images with the newest (or given) run(s)."""
+    result = predict_images(_find_runs(args), args.input, args.output, probabilities=args.probabilities,
+                            overrides=args.overrides, progress=not args.quiet)
+    images = sum(1 for p in result.written if p.suffix == ".png" and not p.stem.endswith(PROBABILITIES_SUFFIX))
+    print(f"run(s): {', '.join(str(r) for r in result.runs)}")
+    print(f"{images} image(s) predicted ({result.kind}) -> {result.output}")
     return 0
 
 
@@ -256,7 +268,8 @@ def cmd_formats(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m kseg", description=__doc__)
+    parser = argparse.ArgumentParser(prog="kseg", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"kseg {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo_data = commands.add_parser("demo-data", help="write the synthetic demo competition")
@@ -290,9 +303,20 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--test-dir", default=None, help="test images folder (default: the config's dataset.test)")
     submit.add_argument("--sample", default=None, help="sample submission CSV whose ids define the rows")
     submit.add_argument("--out-dir", default=None, help="folder for the CSV and PNG (default: submission.dir)")
+    submit.add_argument("--output", default=None, metavar="CSV",
+                        help="write exactly this CSV (e.g. /kaggle/working/submission.csv); the contact sheet "
+                             "goes beside it as .png")
     submit.add_argument("--kaggle", action="store_true", help="upload with the kaggle CLI afterwards")
     submit.add_argument("--message", default=None, help="Kaggle submission message")
     submit.set_defaults(func=cmd_submit)
+
+    predict = commands.add_parser("predict", help="predict a folder of images into PNG masks / label images")
+    run_options(predict)
+    predict.add_argument("--input", action="append", required=True, metavar="PATH",
+                         help="a folder of images or an image file (repeatable)")
+    predict.add_argument("--output", required=True, metavar="DIR", help="folder for the PNGs (same stems as the inputs)")
+    predict.add_argument("--probabilities", action="store_true", help="also write each probability map as a PNG")
+    predict.set_defaults(func=cmd_predict)
 
     tune = commands.add_parser("tune", help="tune post-processing on a run's validation split")
     run_options(tune)

@@ -1,9 +1,16 @@
 """Pipeline configuration: YAML files in ``pipelines/`` + ``key=value`` overrides -> one frozen Config.
 
 A pipeline file may name a ``base`` (another file in the same folder, ``_base.yaml`` by default) and
-overrides only what differs. ``DATASET=name`` on the command line resolves through
-:func:`resolve_pipeline`, which is the dataset registry: every non-underscore YAML file in
-``pipelines/`` registers the ``dataset.name`` / ``model.name`` pair it declares.
+overrides only what differs; a user's own YAML with no ``_base.yaml`` beside it inherits the
+packaged one. ``DATASET=name`` on the command line resolves through :func:`resolve_pipeline`, which
+is the dataset registry: every non-underscore YAML file in the shipped pipelines folder registers
+the ``dataset.name`` / ``model.name`` pair it declares.
+
+Paths belong to the user: data, cache, runs and submissions resolve against the working directory
+(or ``KSEG_HOME`` when set), never the folder kseg is installed in. A relative ``dataset.root``
+written in a user's pipeline file resolves against that file's folder; in a shipped pipeline, or
+given on the command line, against the working directory. :func:`load_config` makes every such
+path absolute, so a run's ``config.yaml`` records where things really were.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -20,9 +28,21 @@ import yaml
 from kseg.core.errors import ConfigError
 from kseg.core.fileio import atomic_write_text
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-PIPELINES_DIR = PROJECT_ROOT / "pipelines"
 BASE_NAME = "_base.yaml"
+
+
+def _shipped_pipelines() -> Path:
+    """The shipped pipelines: inside the installed package (``kseg/pipelines``, package data), or
+    the checkout's top-level ``pipelines/`` folder, their one source."""
+    installed = Path(__file__).resolve().parents[1] / "pipelines"
+    if (installed / BASE_NAME).is_file():
+        return installed
+    return Path(__file__).resolve().parents[2] / "pipelines"
+
+
+PIPELINES_DIR = _shipped_pipelines()
+# Config keys that hold paths of the user's (made absolute by load_config).
+PATH_KEYS = (("dataset", "root"), ("preprocess", "cache_dir"), ("train", "runs_dir"), ("submission", "dir"))
 # Mappings under these keys are free-form (passed to a builder as keyword arguments), so an
 # override may add keys there; everywhere else an unknown key is a typo and an error.
 FREE_FORM_KEYS = frozenset({"args", "loss_args", "encoder_args", "options"})
@@ -113,6 +133,8 @@ def load_raw(path: str | Path) -> dict:
     if base_name is None:
         return data
     base_path = path.parent / base_name
+    if base_name == BASE_NAME and not base_path.is_file():
+        base_path = PIPELINES_DIR / BASE_NAME  # a user's own file inherits the shipped base
     if base_path.resolve() == path.resolve():
         raise ConfigError(f"{path}: a config cannot be its own base")
     base = load_raw(base_path)
@@ -232,6 +254,9 @@ def load_config(
     """
     path, override_model = resolve_pipeline(dataset, model, directory)
     data = load_raw(path)
+    own_root = (_read_yaml(path).get("dataset") or {}).get("root")
+    if own_root and not Path(own_root).expanduser().is_absolute() and not _is_shipped(path, directory):
+        data["dataset"]["root"] = str(path.resolve().parent / Path(own_root).expanduser())
     extra = list(overrides)
     if override_model and model and model != _model_name(data):
         # The pipeline was written for another builder: start from this builder's defaults.
@@ -240,11 +265,23 @@ def load_config(
     if data_root:
         extra.insert(0, f"dataset.root={data_root}")
     data = apply_overrides(data, extra)
+    for section, key in PATH_KEYS:
+        if isinstance(data.get(section), dict) and data[section].get(key):
+            data[section][key] = str(project_path(data[section][key]))
     data.setdefault("pipeline", str(path.relative_to(directory.parent) if path.is_relative_to(directory.parent) else path))
     return Config(data)
 
 
+def _is_shipped(path: Path, directory: Path) -> bool:
+    return path.resolve().parent == directory.resolve()
+
+
+def home() -> Path:
+    """Where the user's relative paths start: ``KSEG_HOME`` when set, else the working directory."""
+    return Path(os.environ.get("KSEG_HOME") or os.getcwd()).expanduser()
+
+
 def project_path(path: str | Path) -> Path:
-    """Relative paths in configs are relative to the project root, not the caller's cwd."""
+    """A config path as the user means it: absolute as given, relative to :func:`home` otherwise."""
     path = Path(path).expanduser()
-    return path if path.is_absolute() else PROJECT_ROOT / path
+    return path if path.is_absolute() else home() / path

@@ -28,9 +28,21 @@ def _to_rgb(array: np.ndarray) -> np.ndarray:
     return (rgb[..., :3] * 255).astype(np.uint8)
 
 
+def outlined(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """uint8 RGB of ``image`` at its own size with each object of ``labels`` (instance ids or class
+    indices, 0 = background) outlined in its own colour: a label image shown as grey levels would
+    draw low ids nearly black."""
+    rgb = _to_rgb(image).copy()
+    labels = np.asarray(labels).astype(np.int64)
+    edges = find_boundaries(labels, mode="inner")
+    rgb[edges] = _PALETTE[(labels[edges] - 1) % len(_PALETTE)]
+    return rgb
+
+
 def picture_row(image, truth, prediction, weight) -> np.ndarray:
-    """Input | ground truth | prediction | weight map, side by side with a 2 px gap."""
-    panels = [_to_rgb(p) for p in (image, truth, prediction, weight)]
+    """Input | ground truth (outlines on the input) | prediction | weight map, side by side with a
+    2 px gap."""
+    panels = [_to_rgb(image), outlined(image, truth), _to_rgb(prediction), _to_rgb(weight)]
     gap = np.full((panels[0].shape[0], 2, 3), 255, np.uint8)
     row = []
     for panel in panels:

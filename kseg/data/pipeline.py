@@ -4,11 +4,11 @@ is a plain function of the config, so a notebook can run the pipeline piece by p
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from kseg.core.config import Config, project_path
 from kseg.core.errors import ConfigError, DataError
+from kseg.core.log import get_logger
 from kseg.data.preprocess import PreprocessedDataset, PreprocessSettings, preprocess
 from kseg.io.demo import write_demo_dataset
 from kseg.io.readers import open_dataset
@@ -21,7 +21,7 @@ def data_root(cfg: Config) -> Path:
     root = project_path(cfg.dataset.root)
     if cfg.dataset.demo:
         if not root.is_dir() or not any(root.iterdir()):
-            print(f"writing the synthetic demo competition to {root}", file=sys.stderr)
+            get_logger("data").info(f"writing the synthetic demo competition to {root}")
         write_demo_dataset(root, **dict(cfg.dataset.get("demo_args", {}) or {}))
     if not root.is_dir():
         raise DataError(f"dataset folder does not exist (dataset {cfg.dataset.name!r}; set DATA=path)", root)

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from kseg.core.config import project_path
 from kseg.core.errors import ConfigError, DataError
 from kseg.core.fileio import atomic_save_npz, atomic_write_text
+from kseg.core.log import get_logger
 from kseg.data.weights import class_balance_map, unet_weight_map
 from kseg.io.sample import Sample
 
@@ -273,6 +274,7 @@ def _run_workers(reader: Reader, settings: PreprocessSettings, ids: list[str], d
 
 
 def _report_skipped(skipped: dict[str, str]) -> None:
-    print(f"preprocess: skipped {len(skipped)} bad sample(s):", file=sys.stderr)
+    log = get_logger("data")
+    log.warning(f"preprocess: skipped {len(skipped)} bad sample(s):")
     for message in skipped.values():
-        print(f"  - {message}", file=sys.stderr)
+        log.warning(f"  - {message}")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -27,6 +26,7 @@ import keras
 from kseg.core import runs
 from kseg.core.config import Config
 from kseg.core.fileio import atomic_write_text
+from kseg.core.log import get_logger
 from kseg.data.split import split_ids
 from kseg.engine.callbacks import EpochSync, InferenceCheckpoint, LearningRateLogger
 from kseg.engine.distribute import set_determinism, set_mixed_precision, strategy_scope
@@ -34,6 +34,8 @@ from kseg.engine.tf_data import variable_size_input
 from kseg.metrics.evaluators import evaluate
 from kseg.nn.callbacks import ValidationScore
 from kseg.tasks.base import Task, get_task, load_model
+
+log = get_logger("engine")
 
 
 @dataclasses.dataclass
@@ -82,7 +84,7 @@ def open_run(cfg: Config, run_dir: Path | None) -> tuple[Path, bool]:
     run.mkdir(parents=True, exist_ok=True)
     cfg.dump(run / runs.CONFIG)
     runs.write_status(run, cfg, "running", started=datetime.now().isoformat(timespec="seconds"))
-    print(f"run directory: {run}" + (" (resuming an unfinished run)" if resumed else ""), file=sys.stderr)
+    log.info(f"run directory: {run}" + (" (resuming an unfinished run)" if resumed else ""))
     return run, bool(resumed)
 
 
@@ -105,8 +107,8 @@ def train(cfg: Config, run_dir: Path | None = None,
         built.training.compile(optimizer=optimizer(cfg, len(built.batches)), jit_compile=bool(t.xla))
     inference = built.inference
     what = f"; {built.description}" if built.description else ""
-    print(f"{placement}; policy {policy}; {inference.count_params():,} parameters{what}; "
-          f"{len(train_ids)} train / {len(valid_ids)} validation images", file=sys.stderr)
+    log.info(f"{placement}; policy {policy}; {inference.count_params():,} parameters{what}; "
+             f"{len(train_ids)} train / {len(valid_ids)} validation images")
 
     images, truths = task.validation(valid_ids)
     monitor = task.monitor
@@ -133,8 +135,8 @@ def train(cfg: Config, run_dir: Path | None = None,
         if replicas == 1:
             validation = variable_size_input(built.validation_data)
         else:
-            print(f"{replicas} replicas: no val_loss (whole-image validation batches hold one image); {monitor} "
-                  "is computed as usual", file=sys.stderr)
+            log.info(f"{replicas} replicas: no val_loss (whole-image validation batches hold one image); {monitor} "
+                     "is computed as usual")
     history = built.training.fit(built.batches, validation_data=validation, epochs=int(t.epochs),
                                  callbacks=callbacks, verbose=int(t.verbose))
 

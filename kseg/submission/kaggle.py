@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 from kseg.core.errors import ConfigError, KsegError
+from kseg.core.log import get_logger
 
 
 def kaggle_submit(csv_path: str | Path, competition: str | None, message: str) -> bool:
@@ -19,8 +19,8 @@ def kaggle_submit(csv_path: str | Path, competition: str | None, message: str) -
     """
     executable = shutil.which("kaggle")
     if executable is None:
-        print("warning: KAGGLE=1 but no kaggle command on the PATH (pip install kaggle); not uploaded",
-              file=sys.stderr)
+        get_logger("submission").warning("warning: KAGGLE=1 but no kaggle command on the PATH (pip install kaggle); "
+                                          "not uploaded")
         return False
     if not competition:
         raise ConfigError("KAGGLE=1 needs submission.competition (the competition's URL slug) in the config")
@@ -28,5 +28,5 @@ def kaggle_submit(csv_path: str | Path, competition: str | None, message: str) -
                              "-m", message], check=False)
     if result.returncode != 0:
         raise KsegError(f"kaggle competitions submit exited with status {result.returncode}")
-    print(f"uploaded {csv_path} to {competition}", file=sys.stderr)
+    get_logger("submission").info(f"uploaded {csv_path} to {competition}")
     return True

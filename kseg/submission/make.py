@@ -63,14 +63,17 @@ def test_items(cfg, fmt: SubmissionFormat, test_dir=None, sample=None) -> tuple[
 
 def make_submission(runs: Sequence[str | Path], overrides: Sequence[str] = (), test_dir: str | Path | None = None,
                     sample: str | Path | None = None, out_dir: str | Path | None = None,
-                    data_root: str | Path | None = None, progress: bool = True) -> SubmissionResult:
+                    data_root: str | Path | None = None, progress: bool = True,
+                    output: str | Path | None = None) -> SubmissionResult:
     """Predict every test image with the run(s), write the CSV and contact sheet, validate the CSV.
 
     ``runs``: one run directory, or several (e.g. one per fold) whose probabilities are averaged
     when the family can; the first run's config decides format, post-processing and TTA.
     ``test_dir`` and ``sample`` replace the config's test folder and sample submission; given a
     ``test_dir`` alone, its images define the rows (the config's sample submission lists another
-    folder's ids).
+    folder's ids). ``output`` is the exact CSV path to write (e.g. ``/kaggle/working/submission.csv``,
+    the contact sheet beside it as ``.png``); without it a new ``<dataset>-<run>-<time>.csv`` goes into
+    ``out_dir`` (default: ``submission.dir``).
     """
     runs = [Path(r) for r in runs]
     if not runs:
@@ -95,7 +98,8 @@ def make_submission(runs: Sequence[str | Path], overrides: Sequence[str] = (), t
         if len(panels) < sheet_count:
             panels.append(outline_panel(*submission.panel(image, target)))
 
-    csv_path = submission_path(cfg, runs, out_dir)
+    csv_path = Path(output) if output is not None else submission_path(cfg, runs, out_dir)
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
     write_submission(csv_path, rows, fmt)
     sheet = write_png(csv_path.with_suffix(".png"), contact_sheet(panels)) if panels else None
     report = validate_submission(csv_path, fmt, sizes, sample=sample, expected_ids=[i for i, _ in items],

@@ -104,3 +104,33 @@ def test_project_pipelines_resolve():
     cfg = load_config("demo")
     assert cfg.dataset.name == "demo" and cfg.dataset.demo is True
     assert cfg.preprocess.sigma == 5.0
+
+
+# -- paths belong to the user ---------------------------------------------------------------------
+def test_a_users_own_yaml_inherits_the_shipped_base_and_resolves_its_root_beside_itself(tmp_path, monkeypatch):
+    from kseg.core.config import load_config
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "pipe.yaml").write_text("dataset:\n  name: mine\n  layout: paired\n  root: images_here\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(str(folder / "pipe.yaml"))
+    assert cfg.dataset.root == str(folder.resolve() / "images_here")  # beside the file, not the cwd
+    assert cfg.train.epochs == 30 and cfg.postprocess.min_size == 8  # from the shipped _base.yaml
+    assert cfg.train.runs_dir == str(tmp_path / "runs")  # the user's working directory
+    assert cfg.preprocess.cache_dir == str(tmp_path / "cache")
+
+
+def test_shipped_pipelines_resolve_against_the_working_directory_or_kseg_home(tmp_path, monkeypatch):
+    from kseg.core.config import load_config
+
+    monkeypatch.delenv("KSEG_HOME", raising=False)
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("demo")
+    assert cfg.dataset.root == str(tmp_path / "data" / "demo") and cfg.train.runs_dir == str(tmp_path / "runs")
+    assert load_config("demo", data_root="elsewhere").dataset.root == str(tmp_path / "elsewhere")
+    monkeypatch.setenv("KSEG_HOME", str(tmp_path / "home"))
+    cfg = load_config("demo")
+    assert cfg.dataset.root == str(tmp_path / "home" / "data" / "demo")
+    assert cfg.submission.dir == str(tmp_path / "home" / "submissions")
+    assert load_config("demo", overrides=["train.runs_dir=/abs/runs"]).train.runs_dir == "/abs/runs"

@@ -143,12 +143,13 @@ class SemanticSubmission:
         self.postprocess = resolve_postprocess(members[0].run_dir, cfg, overrides)
         self.predictor = Predictor(members)
         self.num_classes: int | None = None
+        self.probabilities: np.ndarray | None = None  # of the last predicted image (kseg predict)
 
     def read(self, path: Path) -> np.ndarray:
         return read_image(path)
 
     def predict(self, image: np.ndarray) -> np.ndarray:
-        probabilities = self.predictor.predict(image)
+        probabilities = self.probabilities = self.predictor.predict(image)
         if self.num_classes is None:
             self.num_classes = class_count(self.cfg, probabilities)
         return probabilities_to_target(probabilities, self.fmt, self.postprocess, self.cfg.generator.targets)
