@@ -118,9 +118,18 @@ def read_mask(path: str | Path) -> np.ndarray:
     if array.ndim == 3:
         array = array[..., 0]
     if array.dtype != np.uint8:
-        if array.max() > 255:
-            raise DataError(f"mask values up to {array.max()} do not fit uint8 classes", path)
-        array = array.astype(np.uint8)
+        values = np.unique(array)
+        if values.size == 2 and values[0] == 0 and values[1] > 255:
+            # A binary mask of a wider type (TGS Salt ships 16-bit PNGs of 0 / 65535): 0 / 255, as
+            # an 8-bit binary mask reads.
+            array = np.where(array > 0, 255, 0).astype(np.uint8)
+        elif values[-1] > 255:
+            raise DataError(f"mask values up to {values[-1]} ({values.size} distinct) do not fit uint8 classes "
+                            "and are not a binary 0 / max mask", path)
+        elif values[0] < 0 or not np.array_equal(values, np.round(values)):
+            raise DataError(f"mask values {values[:5].tolist()}... are not whole class indices", path)
+        else:
+            array = array.astype(np.uint8)
     return np.ascontiguousarray(array)
 
 

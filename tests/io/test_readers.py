@@ -426,3 +426,54 @@ def test_open_dataset_builds_each_layout_and_checks_options(tmp_path):
         open_dataset("csv_rle", tmp_path / "images")
     with pytest.raises(ConfigError, match="takes no dataset.masks"):
         open_dataset("dsb", tmp_path / "dsb", masks=tmp_path / "masks")
+
+
+# -- masks of wider types -------------------------------------------------------------------------
+def test_a_16bit_binary_mask_reads_as_an_8bit_binary_mask(tmp_path):
+    import cv2
+
+    from kseg.io.sample import read_mask
+
+    mask = np.zeros((7, 5), np.uint16)
+    mask[2:5, 1:3] = 65535
+    cv2.imwrite(str(tmp_path / "m.png"), mask)
+    got = read_mask(tmp_path / "m.png")
+    assert got.dtype == np.uint8
+    np.testing.assert_array_equal(got, np.where(mask > 0, 255, 0))
+
+
+def test_a_16bit_mask_with_more_than_two_large_values_is_refused_by_name(tmp_path):
+    import cv2
+
+    from kseg.core.errors import DataError
+    from kseg.io.sample import read_mask
+
+    mask = np.zeros((4, 4), np.uint16)
+    mask[0, 0], mask[1, 1] = 300, 600
+    cv2.imwrite(str(tmp_path / "three.png"), mask)
+    with pytest.raises(DataError, match=r"three\.png.*600 \(3 distinct\)"):
+        read_mask(tmp_path / "three.png")
+
+
+def test_real_tgs_rows_read_as_their_csv_says(shared_data):
+    """The competition's 16-bit 0/65535 masks, read by the paired reader, equal train.csv's RLE."""
+    import pandas as pd
+
+    from kseg.codecs import rle
+    from kseg.io.readers import open_dataset
+
+    root = shared_data / "tgs_salt_sample"
+    if not root.is_dir():
+        pytest.skip(f"{root} is absent")
+    reader = open_dataset("paired", root / "train" / "images", masks=root / "train" / "masks")
+    table = pd.read_csv(root / "train.csv", dtype=str, keep_default_na=False).set_index("id")
+    ids = list(reader.ids())
+    assert len(ids) == 100
+    empty = 0
+    for sample_id in ids:
+        sample = reader.load(sample_id)
+        assert sample.image.shape[:2] == (101, 101)
+        truth = rle.decode(table.loc[sample_id, "rle_mask"], (101, 101), "F")
+        np.testing.assert_array_equal(np.asarray(sample.target) > 0, truth > 0, err_msg=sample_id)
+        empty += int(not truth.any())
+    assert empty == 41  # as the data's README says
