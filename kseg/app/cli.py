@@ -81,17 +81,19 @@ def cmd_demo(args) -> int:
 
 
 def cmd_train(args) -> int:
-    """Train a model; prints the validation score next to the classical baseline."""
-
+    """Train a model; prints the validation score next to the classical and trivial baselines."""
     result = train(_config(args))
     print(f"run: {result.run_dir}")
     print(f"{result.monitor} (best checkpoint): {result.val_score:.4f}")
     names = {"otsu": "classical baseline (Otsu threshold; + connected components for instances)",
              "all_foreground": "trivial prediction (every pixel foreground)",
+             "empty": "trivial prediction (nothing: no object, an empty mask)",
              "otsu_map50": "classical baseline (Otsu + connected-component boxes), VOC mAP@0.5",
              "otsu_coco_map": "classical baseline (Otsu + connected-component boxes), COCO mAP@[.5:.95]"}
     for key, value in result.baselines.items():
         print(f"{names.get(key, key)} on the same split: {value:.4f}")
+    for warning in result.warnings:
+        print(f"warning: {warning}")
     print(f"time: {result.seconds / 60:.1f} min")
     return 0
 

@@ -85,3 +85,16 @@ class InferenceCheckpoint(keras.callbacks.Callback):
             self._save(runs.BEST)
         atomic_write_text(self.state_path, json.dumps({"monitor": self.monitor, "best": self.best,
                                                        "best_epoch": self.best_epoch, "last_epoch": int(epoch)}))
+
+
+class BaselineScores(keras.callbacks.Callback):
+    """Puts the classical and trivial baselines' validation scores (fixed, computed once) into every
+    epoch's logs as ``val_baseline_<name>``, so the CSV log and TensorBoard show the monitor beside them."""
+
+    def __init__(self, baselines: dict[str, float]):
+        super().__init__()
+        self.baselines = dict(baselines)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs.update({f"val_baseline_{name}": value for name, value in self.baselines.items()})

@@ -15,6 +15,7 @@ weights, optimizer and epoch; the interrupted epoch is replayed from its first b
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import time
@@ -28,7 +29,12 @@ from kseg.core.config import Config
 from kseg.core.fileio import atomic_write_text
 from kseg.core.log import get_logger
 from kseg.data.split import split_ids
-from kseg.engine.callbacks import EpochSync, InferenceCheckpoint, LearningRateLogger
+from kseg.engine.callbacks import (
+    BaselineScores,
+    EpochSync,
+    InferenceCheckpoint,
+    LearningRateLogger,
+)
 from kseg.engine.distribute import set_determinism, set_mixed_precision, strategy_scope
 from kseg.engine.tf_data import variable_size_input
 from kseg.metrics.evaluators import evaluate
@@ -46,6 +52,7 @@ class TrainResult:
     baselines: dict
     monitor: str
     seconds: float
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
 
 def optimizer(cfg: Config, steps_per_epoch: int):
@@ -75,6 +82,26 @@ def score_predictions(task: Task, predictions, truths, prefix: str = "") -> dict
     if len(scores) == 1 and prefix:
         return {prefix: next(iter(scores.values()))}
     return {f"{prefix}_{name}" if prefix else name: value for name, value in scores.items()}
+
+
+def stuck_at_baseline(history_csv: Path, monitor: str, baselines: dict[str, float],
+                      tolerance: float = 1e-9) -> list[str]:
+    """What a run whose validation score never moved should say: the monitor took one value over
+    every epoch, or every epoch's value is a trivial baseline's (the model predicts what an empty or
+    an all-foreground prediction gives)."""
+    if not history_csv.is_file():
+        return []
+    with open(history_csv, newline="") as f:
+        values = [float(row[monitor]) for row in csv.DictReader(f) if row.get(monitor) not in (None, "")]
+    if len(values) < 2:
+        return []
+    for name in ("empty", "all_foreground"):
+        if name in baselines and all(abs(v - baselines[name]) <= tolerance for v in values):
+            return [f"{monitor} stayed at the {name.replace('_', '-')} baseline's {baselines[name]:.4f} for all "
+                    f"{len(values)} epochs: the model predicts what a trivial prediction would"]
+    if max(values) - min(values) <= tolerance:
+        return [f"{monitor} never moved from {values[0]:.4f} in {len(values)} epochs"]
+    return []
 
 
 def open_run(cfg: Config, run_dir: Path | None) -> tuple[Path, bool]:
@@ -112,11 +139,15 @@ def train(cfg: Config, run_dir: Path | None = None,
 
     images, truths = task.validation(valid_ids)
     monitor = task.monitor
+    baselines = {}
+    for name, predictions in task.baselines(images, truths).items():
+        baselines.update(score_predictions(task, predictions, truths, prefix=name))
     logs_dir = run / runs.LOGS
     callbacks = [
         EpochSync(built.batches),
         ValidationScore(lambda: score_predictions(task, task.predict_many(inference, images), truths),
                         every=int(t.score_every)),
+        BaselineScores(baselines),
         LearningRateLogger(),
         InferenceCheckpoint(inference, run, monitor=monitor, mode="max"),
         keras.callbacks.CSVLogger(str(run / runs.HISTORY), append=True),
@@ -144,12 +175,13 @@ def train(cfg: Config, run_dir: Path | None = None,
     final = score_predictions(task, task.predict_many(best, images), truths)
     first, *others = final
     scores = {"val_score": final[first], **{f"val_{name}": final[name] for name in others}}
-    baselines = {}
-    for name, predictions in task.baselines(images, truths).items():
-        baselines.update(score_predictions(task, predictions, truths, prefix=name))
+    warnings = stuck_at_baseline(run / runs.HISTORY, monitor, baselines)
+    for warning in warnings:
+        log.warning(f"warning: {warning}")
     seconds = time.perf_counter() - start
     summary = {"monitor": monitor, **scores, "baselines": baselines, "seconds": round(seconds, 1),
-               "train_images": len(train_ids), "valid_images": len(valid_ids), "placement": placement}
+               "train_images": len(train_ids), "valid_images": len(valid_ids), "placement": placement,
+               "warnings": warnings}
     atomic_write_text(run / runs.RESULTS, json.dumps(summary, indent=1, default=float))
     runs.write_status(run, cfg, "finished", finished=datetime.now().isoformat(timespec="seconds"), **summary)
-    return TrainResult(run, history.history, float(scores["val_score"]), baselines, monitor, seconds)
+    return TrainResult(run, history.history, float(scores["val_score"]), baselines, monitor, seconds, warnings)

@@ -158,3 +158,17 @@ def test_unknown_strategy_is_a_config_error():
 
     with pytest.raises(ConfigError, match="train.strategy"):
         strategy_scope("mirored")
+
+
+def test_a_run_stuck_at_a_trivial_baseline_says_so(tmp_path):
+    from kseg.engine.fit import stuck_at_baseline
+
+    history = tmp_path / "history.csv"
+    history.write_text("epoch,val_tgs_iou_map\n0,0.41\n1,0.41\n2,0.41\n")
+    (warning,) = stuck_at_baseline(history, "val_tgs_iou_map", {"empty": 0.41, "all_foreground": 0.1, "otsu": 0.2})
+    assert "empty baseline's 0.4100 for all 3 epochs" in warning
+    (warning,) = stuck_at_baseline(history, "val_tgs_iou_map", {"empty": 0.5})
+    assert "never moved from 0.4100 in 3 epochs" in warning
+    history.write_text("epoch,val_tgs_iou_map\n0,0.41\n1,0.45\n2,0.41\n")
+    assert stuck_at_baseline(history, "val_tgs_iou_map", {"empty": 0.41}) == []
+    assert stuck_at_baseline(tmp_path / "absent.csv", "val_tgs_iou_map", {}) == []

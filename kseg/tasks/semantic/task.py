@@ -1,10 +1,12 @@
 """The semantic family as a task: U-Net / FCN (any builder registered with ``task="semantic"``)
 predicting per-pixel probabilities, trained through the weight-map graph.
 
-Validation images are whole images padded to the model's divisor; probabilities become the
-target the monitor scores: instance label images (post-processing, DSB IoU-mAP) on instance
-datasets, the thresholded foreground (pixel IoU of ``train.score_class``) on semantic ones.
-Baselines: Otsu + connected components, and on semantic data the trivial "all foreground".
+Validation images are whole images padded to the model's divisor; probabilities become what the
+competition's format writes (instance label images, a mask, class indices: the same post-processing
+as ``make submit``) and the monitor is the competition's metric on it, image by image as Kaggle
+scores (``train.metric: auto``; DSB IoU-mAP, TGS IoU-threshold precision, Carvana Dice, ...), or the
+pixel IoU of ``train.score_class`` (``train.metric: class_iou``). Baselines, scored the same way:
+all-empty, all-foreground, and Otsu + connected components.
 """
 
 from __future__ import annotations
@@ -17,20 +19,19 @@ import numpy as np
 
 from kseg.core.config import Config
 from kseg.core.errors import ConfigError
+from kseg.core.formats import get_format
 from kseg.data.masks import otsu_baseline
 from kseg.data.pipeline import preprocess_train
 from kseg.data.split import fold_strata
 from kseg.io.sample import read_image
 from kseg.metrics.evaluators import MeanScore
-from kseg.metrics.masks import iou_map
-from kseg.metrics.scores import class_iou
+from kseg.metrics.scores import METRICS, class_iou, score_image
 from kseg.nn.predict import predict_image
 from kseg.nn.registry import build_model, input_divisor
 from kseg.tasks.base import Built, LoadedModel, Task, register_task
 from kseg.tasks.semantic.batches import make_batches
 from kseg.tasks.semantic.callbacks import TensorBoardImages
 from kseg.tasks.semantic.postprocess import (
-    instances_from_probabilities,
     probabilities_to_target,
     resolve_postprocess,
 )
@@ -78,11 +79,6 @@ class SemanticTask(Task):
         self.data = preprocess_train(self.cfg)
         return list(self.data.ids), fold_strata(self.cfg, self.data)
 
-    @property
-    def instance(self) -> bool:
-        """Instance datasets are scored on label images, semantic ones on the foreground mask."""
-        return self.data.kind == "instance"
-
     def build(self, train_ids, valid_ids) -> Built:
         cfg = self.cfg
         inference, training = build_models(cfg, int(cfg.preprocess.channels))
@@ -97,18 +93,29 @@ class SemanticTask(Task):
         truths = [a["target"] for a in self.valid_arrays]
         return images, truths
 
+    @property
+    def metric(self) -> str:
+        """The monitored metric: ``train.metric``, where ``auto`` is the competition's."""
+        metric = str(self.cfg.train.metric)
+        if metric == "auto":
+            return get_format(self.cfg.submission.format).metric
+        if metric != "class_iou" and metric not in METRICS:
+            raise ConfigError(f"train.metric {metric!r} is not auto, class_iou or one of {', '.join(METRICS)}")
+        return metric
+
     def evaluator(self) -> MeanScore:
-        if self.instance:
-            return MeanScore(iou_map, "iou_map")
-        score_class = int(self.cfg.train.score_class)
-        return MeanScore(functools.partial(class_iou, score_class=score_class), f"class{score_class}_iou")
+        if self.metric == "class_iou":
+            score_class = int(self.cfg.train.score_class)
+            return MeanScore(functools.partial(class_iou, score_class=score_class), f"class{score_class}_iou")
+        return MeanScore(functools.partial(score_image, metric=self.metric), self.metric)
 
     def target(self, probabilities: np.ndarray) -> np.ndarray:
-        """What the monitor scores: instance labels, or the thresholded foreground channel."""
+        """What the monitor scores: what the format writes, or the thresholded foreground channel."""
         post = dict(self.cfg.postprocess)
-        if self.instance:
-            return instances_from_probabilities(probabilities, **post)
-        return probabilities[..., 0] > float(post["threshold"])
+        if self.metric == "class_iou":
+            return probabilities[..., 0] > float(post["threshold"])
+        fmt = get_format(self.cfg.submission.format)
+        return probabilities_to_target(probabilities, fmt, post, self.cfg.generator.targets)
 
     def predict_many(self, model, images):
         return [self.target(predict_image(model, image, self.divisor)) for image in images]
@@ -119,11 +126,17 @@ class SemanticTask(Task):
                                   pad_multiple=self.divisor, every=int(self.cfg.train.image_every))]
 
     def baselines(self, images, truths):
+        """All-empty, all-foreground and Otsu predictions, in the form the monitor scores."""
         otsu = [otsu_baseline(a["image"], min_size=int(self.cfg.postprocess.min_size)) for a in self.valid_arrays]
-        if self.instance:
-            return {"otsu": otsu}
-        return {"otsu": [labels > 0 for labels in otsu],
-                "all_foreground": [np.ones(t.shape, bool) for t in truths]}
+        shapes = [a["image"].shape[:2] for a in self.valid_arrays]
+        if self.metric == "class_iou":
+            return {"otsu": [labels > 0 for labels in otsu], "empty": [np.zeros(s, bool) for s in shapes],
+                    "all_foreground": [np.ones(s, bool) for s in shapes]}
+        rows = get_format(self.cfg.submission.format).rows
+        kind = np.int32 if rows == "instance" else np.uint8
+        return {"otsu": [(labels if rows == "instance" else labels > 0).astype(kind) for labels in otsu],
+                "empty": [np.zeros(s, kind) for s in shapes],
+                "all_foreground": [np.ones(s, kind) for s in shapes]}
 
     # -- submission -------------------------------------------------------------------------------
     def check_format(self, fmt, runs, formats=()):
