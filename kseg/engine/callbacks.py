@@ -10,14 +10,13 @@ callback in order.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import keras
 import numpy as np
 
 from kseg.core import runs
-from kseg.core.fileio import atomic_write_text
+from kseg.core.fileio import atomic_path, atomic_write_text
 from kseg.nn.callbacks import sync_weights
 
 
@@ -66,10 +65,8 @@ class InferenceCheckpoint(keras.callbacks.Callback):
             self.best, self.best_epoch = state["best"], state["best_epoch"]
 
     def _save(self, name: str) -> None:
-        target = self.directory / name
-        tmp = self.directory / f".{name}.tmp.keras"
-        self.inference_model.save(tmp)
-        os.replace(tmp, target)
+        with atomic_path(self.directory / name, suffix=".tmp.keras") as tmp:
+            self.inference_model.save(tmp)
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
