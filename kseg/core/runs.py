@@ -5,7 +5,10 @@ newest run, and a run's saved config and tuned post-processing.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import socket
 from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
@@ -34,6 +37,7 @@ HISTORY = "history.csv"  # one row per epoch (Keras CSVLogger)
 RESULTS = "results.json"  # final validation score, baselines, timing
 LOGS = "logs"  # TensorBoard
 BACKUP = "backup"  # Keras BackupAndRestore state of an unfinished run
+LOCK = "run.lock"  # held by the process training the run (see RunLock)
 TUNED = "postprocess.json"  # make tune's post-processing
 
 
@@ -48,30 +52,105 @@ def training_fingerprint(cfg: Config) -> str:
                           "detection")
 
 
-def find_resumable_run(cfg: Config) -> Path | None:
+class RunLock:
+    """The lock a training process holds on its run directory, so a live run is never joined or
+    resumed by a second job.
+
+    ``fcntl.flock`` on ``run.lock``: the kernel releases it when the process ends, however it ends
+    (a SIGKILL included), so a lock never outlives its owner and needs no staleness guess. The file
+    holds the owner's pid, host, start and last heartbeat (every epoch) for the messages. flock
+    is per host on some network filesystems: there, give each host its own ``train.runs_dir``.
+    """
+
+    def __init__(self, run: Path):
+        self.path = Path(run) / LOCK
+        self.fd: int | None = None
+        self.started = ""
+
+    def acquire(self) -> bool:
+        """Take the lock without waiting; False when another live process holds it."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self.fd = fd
+        self.started = datetime.now().isoformat(timespec="seconds")
+        self.heartbeat()
+        return True
+
+    def heartbeat(self) -> None:
+        if self.fd is None:
+            return
+        owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": self.started,
+                 "heartbeat": datetime.now().isoformat(timespec="seconds")}
+        data = json.dumps(owner).encode()
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, data, 0)
+
+    def owner(self) -> str:
+        """Who holds the lock, as a message."""
+        try:
+            owner = json.loads(self.path.read_text())
+            return (f"pid {owner['pid']} on {owner['host']} (since {owner['started']}, last heartbeat "
+                    f"{owner['heartbeat']})")
+        except (OSError, ValueError, KeyError):
+            return "another process"
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def in_use(run: Path) -> bool:
+    """Whether a live process holds the run's lock."""
+    lock = RunLock(run)
+    if not lock.path.is_file():
+        return False
+    if lock.acquire():
+        lock.release()
+        return False
+    return True
+
+
+def resumable_runs(cfg: Config) -> list[Path]:
+    """Unfinished runs of the same config, newest first (live ones included: see :class:`RunLock`)."""
     runs = project_path(cfg.train.runs_dir)
     if not runs.is_dir():
-        return None
+        return []
     fingerprint = training_fingerprint(cfg)
+    found = []
     for run in sorted(runs.glob(f"{_run_prefix(cfg)}-*"), reverse=True):
         status_file = run / STATUS
         if not status_file.is_file():
             continue
         status = json.loads(status_file.read_text())
         if status.get("state") == "running" and status.get("fingerprint") == fingerprint:
-            return run
-    return None
+            found.append(run)
+    return found
+
+
+def find_resumable_run(cfg: Config) -> Path | None:
+    """The newest unfinished run of the same config that no live process is training."""
+    return next((run for run in resumable_runs(cfg) if not in_use(run)), None)
 
 
 def new_run_dir(cfg: Config) -> Path:
+    """A new, empty run directory (two jobs starting in the same second get two)."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    run = project_path(cfg.train.runs_dir) / f"{_run_prefix(cfg)}-{stamp}"
-    suffix = 1
-    while run.exists():
-        run = run.with_name(f"{_run_prefix(cfg)}-{stamp}-{suffix}")
-        suffix += 1
-    run.mkdir(parents=True)
-    return run
+    base = project_path(cfg.train.runs_dir) / f"{_run_prefix(cfg)}-{stamp}"
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for suffix in range(10_000):
+        run = base if suffix == 0 else base.with_name(f"{base.name}-{suffix}")
+        try:
+            run.mkdir()
+            return run
+        except FileExistsError:
+            continue
+    raise DataError("could not create a new run directory", base)
 
 
 def write_status(run: Path, cfg: Config, state: str, **extra) -> None:

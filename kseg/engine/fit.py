@@ -26,6 +26,7 @@ import keras
 
 from kseg.core import runs
 from kseg.core.config import Config
+from kseg.core.errors import ConfigError
 from kseg.core.fileio import atomic_write_text
 from kseg.core.log import get_logger
 from kseg.data.split import split_ids
@@ -104,15 +105,34 @@ def stuck_at_baseline(history_csv: Path, monitor: str, baselines: dict[str, floa
     return []
 
 
-def open_run(cfg: Config, run_dir: Path | None) -> tuple[Path, bool]:
-    """The run directory (given, an unfinished one of the same config, or a new one), marked running."""
-    resumed = run_dir is None and runs.find_resumable_run(cfg)
-    run = Path(run_dir or resumed or runs.new_run_dir(cfg))
-    run.mkdir(parents=True, exist_ok=True)
+def open_run(cfg: Config, run_dir: Path | None) -> tuple[Path, runs.RunLock, bool]:
+    """The run directory -- given, the newest unfinished one of the same config that no live process
+    trains, or a new one -- locked by this process and marked running."""
+    if run_dir is not None:
+        run = Path(run_dir)
+        run.mkdir(parents=True, exist_ok=True)
+        lock = runs.RunLock(run)
+        if not lock.acquire():
+            raise ConfigError(f"run directory {run} is being trained by {lock.owner()}")
+        resumed = False
+    else:
+        run, lock, resumed = None, None, False
+        for candidate in runs.resumable_runs(cfg):
+            candidate_lock = runs.RunLock(candidate)
+            if candidate_lock.acquire():
+                run, lock, resumed = candidate, candidate_lock, True
+                break
+            log.info(f"run {candidate} of this config is being trained by {candidate_lock.owner()}; "
+                     "not joining it")
+        if run is None:
+            run = runs.new_run_dir(cfg)
+            lock = runs.RunLock(run)
+            if not lock.acquire():
+                raise ConfigError(f"new run directory {run} was taken by {lock.owner()}")
     cfg.dump(run / runs.CONFIG)
     runs.write_status(run, cfg, "running", started=datetime.now().isoformat(timespec="seconds"))
     log.info(f"run directory: {run}" + (" (resuming an unfinished run)" if resumed else ""))
-    return run, bool(resumed)
+    return run, lock, resumed
 
 
 def train(cfg: Config, run_dir: Path | None = None,
@@ -126,7 +146,16 @@ def train(cfg: Config, run_dir: Path | None = None,
     policy = set_mixed_precision(bool(t.mixed_precision))
     ids, groups = task.prepare()
     train_ids, valid_ids = split_ids(cfg, ids, groups)
-    run, _ = open_run(cfg, run_dir)
+    run, lock, _ = open_run(cfg, run_dir)
+    try:
+        return _fit(cfg, task, run, lock, start, policy, train_ids, valid_ids, extra_callbacks)
+    finally:
+        lock.release()
+
+
+def _fit(cfg: Config, task: Task, run: Path, lock: runs.RunLock, start: float, policy: str, train_ids, valid_ids,
+         extra_callbacks) -> TrainResult:
+    t = cfg.train
 
     scope, placement, replicas = strategy_scope(str(t.strategy))
     with scope:
@@ -149,6 +178,7 @@ def train(cfg: Config, run_dir: Path | None = None,
                         every=int(t.score_every)),
         BaselineScores(baselines),
         LearningRateLogger(),
+        keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: lock.heartbeat()),
         InferenceCheckpoint(inference, run, monitor=monitor, mode="max"),
         keras.callbacks.CSVLogger(str(run / runs.HISTORY), append=True),
         keras.callbacks.TensorBoard(log_dir=str(logs_dir), write_graph=False),
