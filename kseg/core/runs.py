@@ -153,6 +153,18 @@ def new_run_dir(cfg: Config) -> Path:
     raise DataError("could not create a new run directory", base)
 
 
+def run_state(run: Path) -> str | None:
+    """``running`` or ``finished`` from the run's status file; None when it has none (not a kseg run
+    of this version, or copied without it)."""
+    status_file = Path(run) / STATUS
+    if not status_file.is_file():
+        return None
+    try:
+        return json.loads(status_file.read_text()).get("state")
+    except ValueError:
+        return None
+
+
 def write_status(run: Path, cfg: Config, state: str, **extra) -> None:
     status = {"state": state, "fingerprint": training_fingerprint(cfg), **extra}
     atomic_write_text(run / STATUS, json.dumps(status, indent=1))

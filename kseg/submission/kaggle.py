@@ -14,14 +14,13 @@ from kseg.core.log import get_logger
 def kaggle_submit(csv_path: str | Path, competition: str | None, message: str) -> bool:
     """Upload with the kaggle CLI (``kaggle competitions submit``) when it is installed.
 
-    Without the executable nothing is uploaded and a warning says so (the CSV is still valid and
-    kept); a failed upload raises, since the user asked for one.
+    The user asked for an upload, so a missing kaggle command and a failed upload both raise (the
+    command exits non-zero); the CSV is valid and kept either way.
     """
     executable = shutil.which("kaggle")
     if executable is None:
-        get_logger("submission").warning("warning: KAGGLE=1 but no kaggle command on the PATH (pip install kaggle); "
-                                          "not uploaded")
-        return False
+        raise KsegError(f"KAGGLE=1 but there is no kaggle command on the PATH (pip install kaggle); {csv_path} "
+                        "is written and valid but not uploaded")
     if not competition:
         raise ConfigError("KAGGLE=1 needs submission.competition (the competition's URL slug) in the config")
     result = subprocess.run([executable, "competitions", "submit", "-c", competition, "-f", str(csv_path),

@@ -16,8 +16,9 @@ from tqdm.auto import tqdm
 
 from kseg.core.config import project_path
 from kseg.core.errors import ConfigError, DataError
+from kseg.core.log import get_logger
 from kseg.core.pictures import contact_sheet, outline_panel, write_png
-from kseg.core.runs import run_config
+from kseg.core.runs import in_use, run_config, run_state
 from kseg.io.testset import discover_test_ids
 from kseg.submission.formats import FORMATS, SubmissionFormat, get_format
 from kseg.submission.validation import ValidationReport, validate_submission
@@ -28,6 +29,8 @@ from kseg.submission.writing import (
     write_submission,
 )
 from kseg.tasks.base import get_task, load_run
+
+log = get_logger("submission")
 
 
 @dataclasses.dataclass
@@ -80,6 +83,10 @@ def make_submission(runs: Sequence[str | Path], overrides: Sequence[str] = (), t
         raise ConfigError("no run to submit from")
     if data_root is not None:
         overrides = [f"dataset.root={data_root}", *overrides]
+    for run in runs:
+        if run_state(run) == "running":
+            state = "being trained" if in_use(run) else "unfinished (its training stopped)"
+            log.warning(f"warning: run {run} is {state}: its checkpoints are from the epochs done so far")
     cfg = run_config(runs[0], overrides)
     task = get_task(cfg)
     fmt = get_format(cfg.submission.format)

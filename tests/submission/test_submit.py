@@ -14,6 +14,7 @@ from kseg.app import cli
 from kseg.codecs import rle
 from kseg.codecs.relative import to_absolute, to_relative
 from kseg.core.config import load_config
+from kseg.core.errors import KsegError
 from kseg.io.demo import make_demo_image, write_demo_dataset
 from kseg.metrics.masks import iou_map
 from kseg.submission.formats import FORMATS, decode_cell, get_format
@@ -204,7 +205,7 @@ def test_submit_to_another_test_folder_and_refuse_an_invalid_file(tmp_path, demo
     assert code == 2, "a submission that fails validation must not report success"
 
 
-def test_kaggle_upload_is_skipped_without_the_cli_and_calls_it_otherwise(monkeypatch, tmp_path):
+def test_kaggle_upload_fails_without_the_cli_and_calls_it_otherwise(monkeypatch, tmp_path):
     import subprocess
 
     from kseg.submission import kaggle as submit
@@ -213,8 +214,25 @@ def test_kaggle_upload_is_skipped_without_the_cli_and_calls_it_otherwise(monkeyp
     fake_run = lambda args, check: calls.append(args) or subprocess.CompletedProcess(args, 0)  # noqa: E731
     monkeypatch.setattr(subprocess, "run", fake_run)
     monkeypatch.setattr(submit.shutil, "which", lambda name: None)
-    assert submit.kaggle_submit(tmp_path / "x.csv", "some-competition", "m") is False and calls == []
+    with pytest.raises(KsegError, match="no kaggle command on the PATH.*written and valid but not uploaded"):
+        submit.kaggle_submit(tmp_path / "x.csv", "some-competition", "m")
+    assert calls == []
     monkeypatch.setattr(submit.shutil, "which", lambda name: "/usr/bin/kaggle")
     assert submit.kaggle_submit(tmp_path / "x.csv", "some-competition", "m") is True
     assert calls == [["/usr/bin/kaggle", "competitions", "submit", "-c", "some-competition", "-f",
                       str(tmp_path / "x.csv"), "-m", "m"]]
+
+
+def test_submitting_from_an_unfinished_run_warns(tmp_path, demo_root, caplog):
+    import json
+    import logging
+
+    run = stand_in_run(tmp_path, demo_root)
+    (run / "status.json").write_text(json.dumps({"state": "running"}))
+    logger = logging.getLogger("kseg")
+    logger.addHandler(caplog.handler)
+    try:
+        make_submission([run], out_dir=tmp_path / "subs", progress=False)
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert f"run {run} is unfinished (its training stopped)" in caplog.text
