@@ -22,6 +22,7 @@ from kseg.data.pipeline import preprocess_train
 from kseg.data.split import fold_strata, split_ids
 from kseg.engine.fit import train
 from kseg.io.demo import write_demo_dataset
+from kseg.io.sample import preview
 from kseg.io.testset import discover_test_ids
 from kseg.nn.registry import list_models
 from kseg.submission.formats import FORMATS, get_format
@@ -238,6 +239,9 @@ def cmd_evaluate(args) -> int:
         print(f"per-image scores: {args.per_image}")
     if args.verbose:
         print(result.per_image.to_string(index=False))
+    if result.unscored:
+        print(f"{len(result.unscored)} image(s) of {submission} are not in the solution and were not scored: "
+              f"{preview(result.unscored)}")
     print(f"{result.metric} over {len(result.per_image)} images: {result.score:.6f}")
     return 0
 

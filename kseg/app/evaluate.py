@@ -25,6 +25,7 @@ class Evaluation:
     score: float
     per_image: pd.DataFrame  # id, score, true_objects, predicted_objects
     metric: str
+    unscored: list[str] = dataclasses.field(default_factory=list)  # submission ids the solution lacks
 
 
 def _objects(target: np.ndarray, metric: str) -> int:
@@ -58,4 +59,5 @@ def evaluate_submission(submission: str | Path, solution: str | Path, fmt: Submi
         records.append({"id": image_id, "score": score_image(truth, prediction, metric),
                         "true_objects": _objects(truth, metric), "predicted_objects": _objects(prediction, metric)})
     per_image = pd.DataFrame.from_records(records)
-    return Evaluation(float(per_image["score"].mean()), per_image, metric)
+    unscored = [i for i in predictions if i not in truths]
+    return Evaluation(float(per_image["score"].mean()), per_image, metric, unscored)

@@ -93,6 +93,19 @@ def test_a_solution_image_without_rows_is_an_error(tmp_path, dataset):
         evaluate_submission(submission, solution, fmt, shapes)
 
 
+def test_submission_images_the_solution_lacks_are_named_and_not_scored(tmp_path, dataset):
+    shapes, truths, predictions = dataset
+    fmt = get_format("dsb_instances")
+    del truths["img2"], truths["empty"]
+    solution = write_labels(tmp_path / "solution.csv", truths, fmt)
+    submission = write_labels(tmp_path / "submission.csv", predictions, fmt)
+    result = evaluate_submission(submission, solution, fmt, shapes)
+    assert sorted(result.unscored) == ["empty", "img2"]
+    assert sorted(result.per_image["id"]) == ["img0", "img1"]
+    expected = np.mean([metrics.iou_map(truths[i], predictions[i]) for i in ("img0", "img1")])
+    assert result.score == pytest.approx(expected, abs=1e-12)
+
+
 @pytest.mark.parametrize("name, metric", [("tgs_salt", metrics.tgs_iou_map), ("carvana", metrics.dice)])
 def test_per_image_formats_use_their_competition_metric(tmp_path, dataset, name, metric):
     shapes, truths, predictions = dataset
