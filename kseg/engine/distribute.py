@@ -7,6 +7,7 @@ strategy; on the JAX backend Keras' distribution API does data parallelism over 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 
 import keras
@@ -38,6 +39,19 @@ def set_mixed_precision(enabled: bool) -> str:
 
 
 STRATEGIES = ("auto", "default", "mirrored")
+
+
+def is_chief() -> bool:
+    """Whether this process is the chief of a multi-worker job (``TF_CONFIG``): the chief, or worker 0
+    when the cluster names no chief. Without ``TF_CONFIG`` every process is its own chief."""
+    config = json.loads(os.environ.get("TF_CONFIG") or "{}")
+    task = config.get("task") or {}
+    if not task:
+        return True
+    kind, index = task.get("type", "worker"), int(task.get("index", 0))
+    if kind == "chief":
+        return True
+    return kind == "worker" and index == 0 and "chief" not in (config.get("cluster") or {})
 
 
 def strategy_scope(strategy: str = "auto") -> tuple[contextlib.AbstractContextManager, str, int]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
@@ -36,7 +37,12 @@ from kseg.engine.callbacks import (
     InferenceCheckpoint,
     LearningRateLogger,
 )
-from kseg.engine.distribute import set_determinism, set_mixed_precision, strategy_scope
+from kseg.engine.distribute import (
+    is_chief,
+    set_determinism,
+    set_mixed_precision,
+    strategy_scope,
+)
 from kseg.engine.tf_data import variable_size_input
 from kseg.metrics.evaluators import evaluate
 from kseg.nn.callbacks import ValidationScore
@@ -107,7 +113,15 @@ def stuck_at_baseline(history_csv: Path, monitor: str, baselines: dict[str, floa
 
 def open_run(cfg: Config, run_dir: Path | None) -> tuple[Path, runs.RunLock, bool]:
     """The run directory -- given, the newest unfinished one of the same config that no live process
-    trains, or a new one -- locked by this process and marked running."""
+    trains, or a new one -- locked by this process and marked running. In a multi-worker job only
+    the chief does this; the other workers write what Keras makes every worker write into a
+    scratch folder of their own (they never take the run's lock)."""
+    if not is_chief():
+        run = Path(tempfile.mkdtemp(prefix="kseg-worker-"))
+        lock = runs.RunLock(run)
+        lock.acquire()
+        log.info(f"worker (not the chief): scratch run folder {run}")
+        return run, lock, False
     if run_dir is not None:
         run = Path(run_dir)
         run.mkdir(parents=True, exist_ok=True)

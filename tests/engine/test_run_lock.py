@@ -80,3 +80,27 @@ def test_two_identical_trainings_at_once_both_finish_in_their_own_runs(demo_root
     # Each job names its own folder.
     named = {line.split(": ", 1)[1] for out, _ in outputs for line in out.splitlines() if line.startswith("run: ")}
     assert named == {str(run) for run in made}
+
+
+def test_only_the_chief_of_a_multi_worker_job_takes_the_run(demo_root, tmp_path, monkeypatch):
+    from kseg.engine.distribute import is_chief
+    from kseg.engine.fit import open_run
+
+    cluster = {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 1}}))
+    assert not is_chief()
+    cfg = tiny_config(demo_root, tmp_path)
+    scratch, lock, _ = open_run(cfg, None)
+    lock.release()
+    assert not scratch.is_relative_to(tmp_path), "a worker writes outside the runs folder"
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 0}}))
+    assert is_chief()
+    with_chief = {"cluster": {**cluster, "chief": ["127.0.0.1:0"]}, "task": {"type": "worker", "index": 0}}
+    monkeypatch.setenv("TF_CONFIG", json.dumps(with_chief))
+    assert not is_chief()
+    monkeypatch.delenv("TF_CONFIG")
+    assert is_chief()
+    run, lock, _ = open_run(cfg, None)
+    lock.release()
+    assert run.parent == tmp_path / "runs"
