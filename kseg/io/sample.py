@@ -63,6 +63,29 @@ def _read_any(path: Path, flags: int) -> np.ndarray:
     return array
 
 
+def check_image(path: str | Path) -> str | None:
+    """Why an image file cannot be used (missing, unknown format, truncated or corrupt), or None.
+
+    The header and structure are checked with Pillow (``verify``: cheap, no pixel decoding);
+    files Pillow does not know are decoded once with the reader kseg uses.
+    """
+    from PIL import Image
+
+    path = Path(path)
+    if not path.is_file():
+        return "file does not exist"
+    try:
+        with Image.open(path) as handle:
+            handle.verify()
+        return None
+    except Exception:  # noqa: BLE001 - decide with the reader kseg uses
+        try:
+            _read_any(path, cv2.IMREAD_UNCHANGED)
+            return None
+        except DataError as exc:
+            return str(exc).removeprefix(f"{path}: ")
+
+
 def read_image(path: str | Path) -> np.ndarray:
     """Read an image as uint8 H x W x C in RGB order (C = 1 for grayscale, alpha dropped)."""
     array = _read_any(Path(path), cv2.IMREAD_UNCHANGED)

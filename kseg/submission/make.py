@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from kseg.core.config import project_path
@@ -19,7 +20,9 @@ from kseg.core.errors import ConfigError, DataError
 from kseg.core.log import get_logger
 from kseg.core.pictures import contact_sheet, outline_panel, write_png
 from kseg.core.runs import in_use, run_config, run_state
+from kseg.io.sample import check_image
 from kseg.io.testset import discover_test_ids
+from kseg.submission.cache import PredictionCache
 from kseg.submission.formats import FORMATS, SubmissionFormat, get_format
 from kseg.submission.validation import ValidationReport, validate_submission
 from kseg.submission.writing import (
@@ -40,6 +43,34 @@ class SubmissionResult:
     report: ValidationReport
     postprocess: dict
     runs: list[Path]
+    skipped: list[str] = dataclasses.field(default_factory=list)  # unreadable test images (submission.on_error)
+
+
+CACHE_FOLDER = ".kseg-predictions"
+CACHE_SECTIONS = ("preprocess", "predict", "submission", "generator", "model")
+ON_ERROR = ("raise", "skip")
+
+
+def nothing(fmt: SubmissionFormat):
+    """The target of an image predicted as holding nothing (a skipped, unreadable test image)."""
+    if fmt.boxes:
+        return {"boxes": np.zeros((0, 4)), "scores": np.zeros(0)}
+    return np.zeros((1, 1), np.int32 if fmt.rows == "instance" else np.uint8)
+
+
+def unreadable_images(items, on_error: str) -> dict[str, str]:
+    """Every test image that cannot be read, checked before anything is predicted: an error listing
+    them all (``submission.on_error: raise``), or the list to skip (``skip``)."""
+    if on_error not in ON_ERROR:
+        raise ConfigError(f"submission.on_error must be one of {', '.join(ON_ERROR)}, not {on_error!r}")
+    bad = {image_id: problem for image_id, path in items if (problem := check_image(path)) is not None}
+    listing = "\n  ".join(f"{path}: {bad[image_id]}" for image_id, path in items if image_id in bad)
+    if bad and on_error == "raise":
+        raise DataError(f"{len(bad)} test image(s) cannot be read (submission.on_error: skip predicts nothing for "
+                        f"them and still writes the CSV):\n  {listing}")
+    if bad:
+        log.warning(f"warning: {len(bad)} test image(s) cannot be read; predicted as empty:\n  {listing}")
+    return bad
 
 
 def target_rows(image_id: str, target, fmt: SubmissionFormat, num_classes: int | None) -> list[tuple]:
@@ -95,20 +126,40 @@ def make_submission(runs: Sequence[str | Path], overrides: Sequence[str] = (), t
     items, sample = test_items(cfg, fmt, test_dir, sample)
     submission = task.submission(members, fmt, overrides)
 
-    rows, sizes, panels = [], {}, []
-    sheet_count = int(cfg.submission.sheet_images or 0)
-    for image_id, path in tqdm(items, desc="predict", unit="img", disable=not progress, file=sys.stderr):
-        image = submission.read(path)
-        target = submission.predict(image)
-        rows.extend(target_rows(image_id, target, fmt, submission.num_classes))
-        sizes[image_id] = image.shape[:2]
-        if len(panels) < sheet_count:
-            panels.append(outline_panel(*submission.panel(image, target)))
-
+    bad = unreadable_images(items, str(cfg.submission.on_error))
     csv_path = Path(output) if output is not None else submission_path(cfg, runs, out_dir)
     csv_path.parent.mkdir(parents=True, exist_ok=True)
+    cache = PredictionCache(csv_path.parent / CACHE_FOLDER, [m.run_dir / f"{m.checkpoint}.keras" for m in members],
+                            {"config": {k: cfg.to_dict().get(k) for k in CACHE_SECTIONS},
+                             "postprocess": submission.postprocess, "overrides": list(overrides)})
+
+    rows, sizes, panels = [], {}, []
+    sheet_count = int(cfg.submission.sheet_images or 0)
+    num_classes = None
+    for image_id, path in tqdm(items, desc="predict", unit="img", disable=not progress, file=sys.stderr):
+        if image_id in bad:  # predicted as "nothing found"; listed above
+            rows.extend(target_rows(image_id, nothing(fmt), fmt, num_classes))
+            sizes[image_id] = (1, 1)
+            continue
+        cached = cache.get(image_id, path)
+        if cached is not None:
+            image_rows, sizes[image_id], panel = cached["rows"], cached["size"], cached["panel"]
+            num_classes = num_classes or cached["num_classes"]
+        else:
+            image = submission.read(path)
+            target = submission.predict(image)
+            num_classes = num_classes or submission.num_classes
+            image_rows = target_rows(image_id, target, fmt, num_classes)
+            sizes[image_id] = image.shape[:2]
+            panel = outline_panel(*submission.panel(image, target)) if len(panels) < sheet_count else None
+            cache.put(image_id, path, image_rows, sizes[image_id], num_classes, panel)
+        rows.extend(image_rows)
+        if len(panels) < sheet_count and panel is not None:
+            panels.append(panel)
+
     write_submission(csv_path, rows, fmt)
     sheet = write_png(csv_path.with_suffix(".png"), contact_sheet(panels)) if panels else None
     report = validate_submission(csv_path, fmt, sizes, sample=sample, expected_ids=[i for i, _ in items],
-                                 num_classes=submission.num_classes if fmt.rows == "image_class" else None)
-    return SubmissionResult(csv_path, sheet, report, dict(submission.postprocess), list(runs))
+                                 num_classes=num_classes if fmt.rows == "image_class" else None)
+    cache.clear_used()
+    return SubmissionResult(csv_path, sheet, report, dict(submission.postprocess), list(runs), sorted(bad))

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from fixtures_competitions import (
     CARVANA_SHAPE,
+    Competition,
     SEVERSTAL_SHAPE,
     write_airbus,
     write_carvana,
@@ -31,11 +32,13 @@ from fixtures_competitions import (
     write_tgs_salt,
 )
 
+from fixtures_datasets import same_partition
+
 import kseg
 from kseg.codecs import rle
-from kseg.codecs.prediction_string import parse_prediction_string
 from kseg.codecs.relative import to_absolute
 from kseg.core.formats import get_format
+from kseg.data.pipeline import train_reader
 from kseg.io.readers import open_dataset
 from kseg.io.sample import read_image
 
@@ -69,6 +72,18 @@ def decode_cell(cell: str, shape: tuple[int, int], fmt) -> np.ndarray:
     return rle.decode(cell, shape, fmt.order)
 
 
+def parse_boxes(cell: str, shape: tuple[int, int]) -> np.ndarray:
+    """A PredictionString as (K, 5) rows of score, x, y, w, h, each box inside the image."""
+    values = np.array(cell.split(), np.float64)
+    assert values.size % 5 == 0, cell[:80]
+    table = values.reshape(-1, 5)
+    score, x, y, w, h = table.T
+    height, width = shape
+    assert np.all((score >= 0) & (score <= 1)) and np.all((w > 0) & (h > 0)), cell[:80]
+    assert np.all((x >= -1) & (y >= -1) & (x + w <= width + 1) & (y + h <= height + 1)), cell[:80]
+    return table
+
+
 def check_csv(path: Path, format_name: str, sizes: dict[str, tuple[int, int]],
               num_classes: int | None = None) -> dict[str, list[np.ndarray]]:
     """Read a submission without kseg's validator: header, the ids of ``sizes`` (each exactly as
@@ -82,8 +97,7 @@ def check_csv(path: Path, format_name: str, sizes: dict[str, tuple[int, int]],
         image_id = row[0]
         assert image_id in sizes, f"unexpected id {image_id!r}"
         if fmt.boxes:
-            parse_prediction_string(row[-1], image_id, sizes[image_id])
-            masks.setdefault(image_id, [])
+            masks.setdefault(image_id, []).append(parse_boxes(row[-1], sizes[image_id]))
             continue
         masks.setdefault(image_id, []).append(decode_cell(row[-1], sizes[image_id], fmt))
     assert set(masks) == set(sizes), f"missing ids {set(sizes) - set(masks)}"
@@ -103,6 +117,19 @@ def check_csv(path: Path, format_name: str, sizes: dict[str, tuple[int, int]],
 
 def sizes_of(paths: dict[str, Path]) -> dict[str, tuple[int, int]]:
     return {i: read_image(p).shape[:2] for i, p in paths.items()}
+
+
+def assert_reads_truth(cfg, data: Competition) -> None:
+    """The config's reader lists the training images and loads the masks the fixture drew."""
+    reader = train_reader(cfg)
+    assert sorted(reader.ids()) == sorted(data.truth)
+    for sample_id, truth in data.truth.items():
+        sample = reader.load(sample_id)
+        assert sample.image.shape[:2] == truth.shape[:2] and sample.image.dtype == np.uint8, sample_id
+        if sample.labels is not None:
+            assert same_partition(sample.labels, truth), sample_id
+        else:
+            assert np.array_equal(sample.mask, truth), sample_id
 
 
 def trained(cfg) -> Path:
@@ -128,6 +155,7 @@ def test_tgs_salt_unet_on_its_file_format(tmp_path):
     cfg = kseg.load_config("tgs_salt", model="unet", data_root=data.root, overrides=one_step(
         tmp_path, *TINY_UNET, "generator.batch_size=4", "split.n_folds=3"))
     assert (cfg.preprocess.mode, list(cfg.preprocess.size), cfg.preprocess.channels) == ("pad", [128, 128], 1)
+    assert_reads_truth(cfg, data)
     run = trained(cfg)
     assert monitor(run) == "val_tgs_iou_map"
 
@@ -167,6 +195,11 @@ def test_tgs_salt_unet_on_the_real_sample(shared_data, tmp_path):
         pytest.skip(f"{root} is absent (the TGS Salt sample of ../shared/data)")
     cfg = kseg.load_config("tgs_salt", model="unet", data_root=root, overrides=one_step(
         tmp_path, *TINY_UNET, "generator.batch_size=4"))
+    reader = train_reader(cfg)
+    _, rows = read_csv_rows(root / "train.csv")
+    assert sorted(reader.ids()) == sorted(r[0] for r in rows)
+    for tile_id, cell in rows:  # the 16-bit mask files equal train.csv's column-major RLE
+        assert np.array_equal(reader.load(tile_id).mask, rle.decode(cell, (101, 101), "F")), tile_id
     run = trained(cfg)
     test_dir = tmp_path / "test" / "images"
     test_dir.mkdir(parents=True)
@@ -187,6 +220,7 @@ def test_carvana_unet_on_its_file_format(tmp_path):
     cfg = kseg.load_config("carvana", model="unet", data_root=data.root, overrides=one_step(
         tmp_path, *TINY_UNET, "generator.batch_size=1", "split.n_folds=2", "predict.tta=none"))
     assert cfg.preprocess.mode == "resize" and cfg.dataset.options["mask_suffix"] == "_mask"
+    assert_reads_truth(cfg, data)
     run = trained(cfg)
     assert monitor(run) == "val_dice"
 
@@ -231,23 +265,29 @@ def test_isbi2012_unet_trains_and_predicts_masks(tmp_path):
     data = write_isbi2012(tmp_path / "isbi", n=4)
     cfg = kseg.load_config("isbi2012", model="unet", data_root=data.root, overrides=one_step(
         tmp_path, *TINY_UNET, "generator.batch_size=2", "split.n_folds=4", "predict.tta=none"))
+    assert_reads_truth(cfg, data)
     run = trained(cfg)
     assert monitor(run) == "val_class0_iou"
     check_predicted_folder(run, data.root / "images", ["0", "1"], tmp_path / "predicted")
 
 
 def check_predicted_folder(run: Path, images: Path, stems: list[str], out: Path) -> None:
+    """kseg.predict on a folder of ISBI images: one 512x512 PNG per image, as its kind says (the
+    pipeline's format, dsb_instances: 16-bit cell labels); with an image-row format (tgs_salt)
+    the PNGs are 0/255 masks."""
     folder = out.parent / "inputs"
     folder.mkdir(parents=True)
     for stem in stems:
         shutil.copy(images / f"{stem}.png", folder)
-    result = kseg.predict(run, folder, output=out, progress=False)
-    written = sorted(p.name for p in out.glob("*.png"))
-    assert written == sorted(f"{s}.png" for s in stems), written
-    assert all(Path(p).parent == out for p in result.written)
-    for stem in stems:
-        picture = cv2.imread(str(out / f"{stem}.png"), cv2.IMREAD_UNCHANGED)
-        assert picture is not None and picture.shape[:2] == (512, 512)
+    for overrides, kind, dtype in (((), "instances", np.uint16), (("submission.format=tgs_salt",), "mask", np.uint8)):
+        result = kseg.predict(run, folder, output=out / kind, overrides=overrides, progress=False)
+        assert result.kind == kind
+        assert sorted(p.name for p in (out / kind).glob("*.png")) == sorted(f"{s}.png" for s in stems)
+        for stem in stems:
+            picture = cv2.imread(str(out / kind / f"{stem}.png"), cv2.IMREAD_UNCHANGED)
+            assert picture is not None and picture.shape == (512, 512) and picture.dtype == dtype, stem
+            if kind == "mask":
+                assert set(np.unique(picture).tolist()) <= {0, 255}
 
 
 @pytest.mark.slow
@@ -264,11 +304,9 @@ def test_isbi2012_unet_on_the_real_membranes(shared_data, tmp_path):
 
 # -- Data Science Bowl 2018 ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def dsb_root(tmp_path_factory) -> Path:
+def dsb2018(tmp_path_factory) -> Competition:
     """A tiny stage-1 download: 4 training and 2 test images (72x96 RGBA) of 4 nuclei each."""
-    root = tmp_path_factory.mktemp("dsb2018")
-    write_dsb2018(root, n_train=4, n_test=2)
-    return root
+    return write_dsb2018(tmp_path_factory.mktemp("dsb2018"), n_train=4, n_test=2)
 
 
 def dsb_test_sizes(root: Path) -> dict[str, tuple[int, int]]:
@@ -287,12 +325,14 @@ DSB_MODELS = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model", list(DSB_MODELS))
-def test_dsb2018_pipelines_on_the_stage1_layout(model, dsb_root, tmp_path):
+def test_dsb2018_pipelines_on_the_stage1_layout(model, dsb2018, tmp_path):
     """stage1_train/<id>/images/<id>.png (RGBA) + masks/*.png: each dsb2018 pipeline trains one
     step and submits the stage1_test folders (DSB instances, or box rows for the SSD)."""
+    dsb_root = dsb2018.root
     cfg = kseg.load_config("dsb2018", model=model, data_root=dsb_root, overrides=one_step(
         tmp_path, "split.n_folds=4", "predict.tta=none", *DSB_MODELS[model]))
     assert cfg.model.name == model and cfg.dataset.layout == "dsb"
+    assert_reads_truth(cfg, dsb2018)
     run = trained(cfg)
     assert monitor(run) == ("val_map50" if model == "ssd" else "val_iou_map")
     sizes = dsb_test_sizes(dsb_root)
@@ -312,7 +352,7 @@ def test_demo_pipelines_end_to_end(model, demo_root, tmp_path):
     extra = {
         "unet": [*TINY_UNET, "generator.crop_size=[64,64]", "generator.batch_size=2"],
         "ssd": DSB_MODELS["ssd"],
-        "maskrcnn": DSB_MODELS["maskrcnn"],
+        "maskrcnn": [*DSB_MODELS["maskrcnn"], "detection.max_instances=256"],  # demo images hold up to ~200
     }[model]
     cfg = kseg.load_config("demo", model=model, data_root=demo_root, overrides=one_step(
         tmp_path, "dataset.demo=false", "split.n_folds=5", "predict.tta=none", *extra))
@@ -340,6 +380,7 @@ def test_severstal_layout_and_submission(tmp_path):
         "generator.targets=classes", "model.args.n_classes=5", "train.loss=ce", "postprocess.method=components",
         "submission.format=severstal", *TINY_UNET, "generator.crop_size=[128,128]", "generator.batch_size=2",
         "split.n_folds=4", "predict.tta=none"))
+    assert_reads_truth(cfg, data)
     run = trained(cfg)
     assert monitor(run) == "val_dice"
     result = kseg.submit(run, output=tmp_path / "submission.csv", progress=False)
@@ -357,6 +398,7 @@ def test_airbus_layout_and_submission(tmp_path):
                                   "sample_submission_v2.csv"),
         "dataset.options.kind=instance", "submission.format=airbus_instances", *TINY_UNET,
         "generator.crop_size=[128,128]", "generator.batch_size=2", "split.n_folds=3", "predict.tta=none"))
+    assert_reads_truth(cfg, data)
     run = trained(cfg)
     assert monitor(run) == "val_f2"
     result = kseg.submit(run, output=tmp_path / "submission.csv", progress=False)
@@ -375,6 +417,7 @@ def test_siim_acr_submission(tmp_path):
         "preprocess.channels=1", "generator.targets=mask", "postprocess.method=components",
         "submission.format=siim_acr", *TINY_UNET, "generator.crop_size=[64,64]", "generator.batch_size=2",
         "split.n_folds=4", "predict.tta=none"))
+    assert_reads_truth(cfg, data)
     run = trained(cfg)
     assert monitor(run) == "val_dice"
     result = kseg.submit(run, output=tmp_path / "submission.csv", progress=False)
