@@ -5,12 +5,13 @@ the final report.
 batches and fits with:
 validation score (the task's predictions scored by its evaluator) -> learning rate in the logs ->
 checkpoints of the inference model (best on the monitor, last every epoch) -> CSV log ->
-TensorBoard scalars -> the task's TensorBoard pictures -> BackupAndRestore -> TerminateOnNaN ->
+TensorBoard scalars -> the task's TensorBoard pictures -> epoch snapshots -> TerminateOnNaN ->
 learning-rate schedule -> EarlyStopping.
 
 Run directories are ``runs/<dataset>-<model>-<time>/`` (:mod:`kseg.core.runs`). A run that did
-not finish is resumed by the next ``train`` with the same config (BackupAndRestore restores
-weights, optimizer and epoch; the interrupted epoch is replayed from its first batch).
+not finish is resumed by the next ``train`` with the same config (:mod:`kseg.engine.snapshots`
+restores weights, optimizer, epoch, CSV log and checkpoint state as one unit; the interrupted epoch
+is replayed from its first batch).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from kseg.core.errors import ConfigError
 from kseg.core.fileio import atomic_write_text
 from kseg.core.log import get_logger
 from kseg.data.split import split_ids
+from kseg.engine import snapshots
 from kseg.engine.callbacks import (
     BaselineScores,
     EpochSync,
@@ -43,6 +45,7 @@ from kseg.engine.distribute import (
     set_mixed_precision,
     strategy_scope,
 )
+from kseg.engine.snapshots import EpochSnapshots
 from kseg.engine.tf_data import variable_size_input
 from kseg.metrics.evaluators import evaluate
 from kseg.nn.callbacks import ValidationScore
@@ -175,6 +178,9 @@ def _fit(cfg: Config, task: Task, run: Path, lock: runs.RunLock, start: float, p
     with scope:
         built = task.build(train_ids, valid_ids)
         built.training.compile(optimizer=optimizer(cfg, len(built.batches)), jit_compile=bool(t.xla))
+        restored = snapshots.restore(run, built.training)
+    if restored.epoch:
+        log.info(f"resuming at epoch {restored.epoch} from {restored.source}")
     inference = built.inference
     what = f"; {built.description}" if built.description else ""
     log.info(f"{placement}; policy {policy}; {inference.count_params():,} parameters{what}; "
@@ -197,7 +203,7 @@ def _fit(cfg: Config, task: Task, run: Path, lock: runs.RunLock, start: float, p
         keras.callbacks.CSVLogger(str(run / runs.HISTORY), append=True),
         keras.callbacks.TensorBoard(log_dir=str(logs_dir), write_graph=False),
         *task.callbacks(inference, logs_dir, images, truths),
-        keras.callbacks.BackupAndRestore(str(run / runs.BACKUP), save_freq="epoch", delete_checkpoint=True),
+        EpochSnapshots(run),
         keras.callbacks.TerminateOnNaN(raise_error=True),
     ]
     callbacks += schedule_callbacks(cfg, monitor) + list(extra_callbacks)
@@ -213,7 +219,7 @@ def _fit(cfg: Config, task: Task, run: Path, lock: runs.RunLock, start: float, p
             log.info(f"{replicas} replicas: no val_loss (whole-image validation batches hold one image); {monitor} "
                      "is computed as usual")
     history = built.training.fit(built.batches, validation_data=validation, epochs=int(t.epochs),
-                                 callbacks=callbacks, verbose=int(t.verbose))
+                                 initial_epoch=restored.epoch, callbacks=callbacks, verbose=int(t.verbose))
 
     best = load_model(run / runs.BEST) if (run / runs.BEST).is_file() else inference
     final = score_predictions(task, task.predict_many(best, images), truths)
@@ -228,4 +234,5 @@ def _fit(cfg: Config, task: Task, run: Path, lock: runs.RunLock, start: float, p
                "warnings": warnings}
     atomic_write_text(run / runs.RESULTS, json.dumps(summary, indent=1, default=float))
     runs.write_status(run, cfg, "finished", finished=datetime.now().isoformat(timespec="seconds"), **summary)
+    snapshots.discard(run)
     return TrainResult(run, history.history, float(scores["val_score"]), baselines, monitor, seconds, warnings)
