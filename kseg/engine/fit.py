@@ -179,6 +179,8 @@ def _fit(cfg: Config, task: Task, run: Path, lock: runs.RunLock, start: float, p
         built = task.build(train_ids, valid_ids)
         built.training.compile(optimizer=optimizer(cfg, len(built.batches)), jit_compile=bool(t.xla))
         restored = snapshots.restore(run, built.training)
+    # Before fit: Keras may start fetching the first epoch's batches before any callback runs.
+    built.batches.set_epoch(restored.epoch)
     if restored.epoch:
         log.info(f"resuming at epoch {restored.epoch} from {restored.source}")
     inference = built.inference
@@ -218,6 +220,7 @@ def _fit(cfg: Config, task: Task, run: Path, lock: runs.RunLock, start: float, p
         else:
             log.info(f"{replicas} replicas: no val_loss (whole-image validation batches hold one image); {monitor} "
                      "is computed as usual")
+    restored.apply_random_state()
     history = built.training.fit(built.batches, validation_data=validation, epochs=int(t.epochs),
                                  initial_epoch=restored.epoch, callbacks=callbacks, verbose=int(t.verbose))
 

@@ -1,7 +1,7 @@
 """Crash-safe epoch snapshots: a killed or failed run resumes from its last complete epoch.
 
 At the end of every epoch the training model's weights (optimizer state included), the epoch count,
-the CSV log's rows and the best-checkpoint state are written into a new folder beside the others
+the CSV log's rows, the best-checkpoint state and the process's random generators are written into a new folder beside the others
 and committed with one rename (``backup/epoch-00012``), so a kill at any instant -- or a full disk
 -- leaves the previous snapshot whole. On resume the newest snapshot that loads is restored (an
 unreadable one is reported and passed over, never a crash loop): the model and optimizer, the CSV
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import uuid
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import keras
+import numpy as np
 
 from kseg.core import runs
 from kseg.core.fileio import atomic_write_text
@@ -46,6 +48,23 @@ log = get_logger("engine")
 class Restored:
     epoch: int  # epochs completed: fit starts here
     source: str
+    random_state: dict | None = None  # the process's Python / NumPy generators at that epoch's end
+
+    def apply_random_state(self) -> None:
+        """Put the global generators back where the interrupted process had them: Keras shuffles the
+        order of an epoch's batches with Python's ``random``, so a resumed epoch needs the same state."""
+        if self.random_state:
+            python = self.random_state["python"]
+            random.setstate((python[0], tuple(python[1]), python[2]))
+            kind, keys, position, has_gauss, cached = self.random_state["numpy"]
+            np.random.set_state((kind, np.asarray(keys, np.uint32), position, has_gauss, cached))
+
+
+def _random_state() -> dict:
+    version, internal, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(internal), gauss],
+            "numpy": [kind, keys.tolist(), int(position), int(has_gauss), float(cached)]}
 
 
 def _snapshots(backup: Path) -> list[Path]:
@@ -97,7 +116,7 @@ def restore(run: Path, model: keras.Model) -> Restored:
         _cut_history(run / runs.HISTORY, epoch)
         if (snapshot / runs.CHECKPOINT_STATE).is_file():
             shutil.copyfile(snapshot / runs.CHECKPOINT_STATE, run / runs.CHECKPOINT_STATE)
-        return Restored(epoch, str(snapshot))
+        return Restored(epoch, str(snapshot), state.get("random"))
     legacy = _restore_keras_backup(backup, model)
     if legacy is not None:
         _cut_history(run / runs.HISTORY, legacy.epoch)
@@ -152,7 +171,7 @@ class EpochSnapshots(keras.callbacks.Callback):
             for name in (runs.HISTORY, runs.CHECKPOINT_STATE):
                 if (self.run / name).is_file():
                     shutil.copyfile(self.run / name, staging / name)
-            (staging / STATE).write_text(json.dumps({"epoch": epoch + 1}))
+            (staging / STATE).write_text(json.dumps({"epoch": epoch + 1, "random": _random_state()}))
             target = self.backup / f"{PREFIX}{epoch + 1:05d}"
             shutil.rmtree(target, ignore_errors=True)  # a replayed epoch's own earlier snapshot
             os.rename(staging, target)
