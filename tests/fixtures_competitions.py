@@ -42,9 +42,6 @@ class Competition:
     test_ids: list[str]
     truth: dict[str, np.ndarray]  # training id -> label image (instances) or class mask
 
-    def test_dir(self, name: str) -> Path:
-        return self.root / name
-
 
 def hex_id(rng: np.random.Generator, digits: int) -> str:
     return "".join(rng.choice(list("0123456789abcdef"), size=digits))

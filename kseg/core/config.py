@@ -27,20 +27,16 @@ import yaml
 
 from kseg.core.errors import ConfigError
 from kseg.core.fileio import atomic_write_text
+from kseg.core.pipelines import (
+    BASE_NAME,
+    PIPELINES_DIR,
+    deep_merge,
+    load_raw,
+    pipeline_model,
+    read_yaml,
+)
+from kseg.core.schema import validate_config
 
-BASE_NAME = "_base.yaml"
-
-
-def _shipped_pipelines() -> Path:
-    """The shipped pipelines: inside the installed package (``kseg/pipelines``, package data), or
-    the checkout's top-level ``pipelines/`` folder, their one source."""
-    installed = Path(__file__).resolve().parents[1] / "pipelines"
-    if (installed / BASE_NAME).is_file():
-        return installed
-    return Path(__file__).resolve().parents[2] / "pipelines"
-
-
-PIPELINES_DIR = _shipped_pipelines()
 # Config keys that hold paths of the user's (made absolute by load_config).
 PATH_KEYS = (("dataset", "root"), ("preprocess", "cache_dir"), ("train", "runs_dir"), ("submission", "dir"))
 # Mappings under these keys are free-form (passed to a builder as keyword arguments), so an
@@ -101,53 +97,6 @@ def _thaw(value: Any) -> Any:
     if isinstance(value, tuple):
         return [_thaw(v) for v in value]
     return value
-
-
-def deep_merge(base: dict, update: Mapping) -> dict:
-    merged = copy.deepcopy(base)
-    for key, value in update.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
-
-
-def _read_yaml(path: Path) -> dict:
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    return data
-
-
-def load_raw(path: str | Path) -> dict:
-    """Read a pipeline file with its ``base`` chain merged in (base first)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    data = _read_yaml(path)
-    base_name = data.pop("base", None if path.name == BASE_NAME else BASE_NAME)
-    if base_name is None:
-        return data
-    base_path = path.parent / base_name
-    if base_name == BASE_NAME and not base_path.is_file():
-        base_path = PIPELINES_DIR / BASE_NAME  # a user's own file inherits the shipped base
-    if base_path.resolve() == path.resolve():
-        raise ConfigError(f"{path}: a config cannot be its own base")
-    base = load_raw(base_path)
-    merged = deep_merge(base, data)
-    if _model_name(data) not in (None, _model_name(base)):
-        # Another builder: the base's arguments belong to the base's model, not this one.
-        merged["model"]["args"] = copy.deepcopy(data["model"].get("args") or {})
-    return merged
-
-
-def _model_name(data: Mapping) -> str | None:
-    model = data.get("model")
-    return model.get("name") if isinstance(model, Mapping) else None
 
 
 def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
@@ -230,7 +179,7 @@ def resolve_pipeline(dataset: str, model: str | None = None, directory: Path = P
     table = registry(directory)
     # Without MODEL=, a dataset's pipeline for the default builder wins over its variants (FCN, ...).
     base = directory / "_base.yaml"
-    wanted = model or (_model_name(load_raw(base)) if base.is_file() else None)
+    wanted = model or (pipeline_model(load_raw(base)) if base.is_file() else None)
     for (name, model_name), path in table.items():
         if name == dataset and (wanted is None or model_name == wanted):
             return path, False
@@ -254,11 +203,11 @@ def load_config(
     """
     path, override_model = resolve_pipeline(dataset, model, directory)
     data = load_raw(path)
-    own_root = (_read_yaml(path).get("dataset") or {}).get("root")
+    own_root = (read_yaml(path).get("dataset") or {}).get("root")
     if own_root and not Path(own_root).expanduser().is_absolute() and not _is_shipped(path, directory):
         data["dataset"]["root"] = str(path.resolve().parent / Path(own_root).expanduser())
     extra = list(overrides)
-    if override_model and model and model != _model_name(data):
+    if override_model and model and model != pipeline_model(data):
         # The pipeline was written for another builder: start from this builder's defaults.
         data.setdefault("model", {})["args"] = {}
         extra.insert(0, f"model.name={model}")
@@ -269,6 +218,8 @@ def load_config(
         if isinstance(data.get(section), dict) and data[section].get(key):
             data[section][key] = str(project_path(data[section][key]))
     data.setdefault("pipeline", str(path.relative_to(directory.parent) if path.is_relative_to(directory.parent) else path))
+    if Path(directory).resolve() == PIPELINES_DIR.resolve():  # another folder's _base.yaml defines its own keys
+        validate_config(data, str(data["pipeline"]))
     return Config(data)
 
 
@@ -285,3 +236,7 @@ def project_path(path: str | Path) -> Path:
     """A config path as the user means it: absolute as given, relative to :func:`home` otherwise."""
     path = Path(path).expanduser()
     return path if path.is_absolute() else home() / path
+
+
+__all__ = ["BASE_NAME", "PIPELINES_DIR", "Config", "apply_overrides", "deep_merge", "home", "load_config",
+           "load_raw", "pipeline_files", "project_path", "registry", "resolve_pipeline"]

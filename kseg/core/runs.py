@@ -8,7 +8,9 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import socket
+import tempfile
 from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
@@ -138,18 +140,30 @@ def find_resumable_run(cfg: Config) -> Path | None:
     return next((run for run in resumable_runs(cfg) if not in_use(run)), None)
 
 
-def new_run_dir(cfg: Config) -> Path:
-    """A new, empty run directory (two jobs starting in the same second get two)."""
+def new_run_dir(cfg: Config, contents=None) -> Path:
+    """A new run directory (two jobs starting in the same second get two).
+
+    ``contents(folder)`` fills it before it appears under its name: the folder is made under a
+    hidden temporary name and renamed into place, so a kill at any instant leaves either nothing
+    or a run with its files (a left-over temporary folder is removed by the next new run)."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     base = project_path(cfg.train.runs_dir) / f"{_run_prefix(cfg)}-{stamp}"
     base.parent.mkdir(parents=True, exist_ok=True)
+    for stale in base.parent.glob(".new-run-*"):
+        if not in_use(stale):
+            shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=".new-run-", dir=base.parent))
+    (staging / LOCK).touch()  # never empty: a rename cannot replace another job's new folder
+    if contents is not None:
+        contents(staging)
     for suffix in range(10_000):
         run = base if suffix == 0 else base.with_name(f"{base.name}-{suffix}")
         try:
-            run.mkdir()
+            os.rename(staging, run)  # fails when the name exists and holds anything
             return run
-        except FileExistsError:
-            continue
+        except OSError:
+            if not run.exists():
+                raise
     raise DataError("could not create a new run directory", base)
 
 

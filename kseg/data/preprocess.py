@@ -11,6 +11,14 @@ named by a hash of the data (files, sizes, mtimes) and of the preprocessing sett
 
 Bad inputs are never dropped silently: ``on_error="raise"`` stops at the first one with its file
 name, ``on_error="skip"`` leaves it out and reports every skipped file at the end.
+
+Labels a reader completed or repaired without an error (``Sample.integrity``: an RLE row without
+a value, an image without rows, an empty masks folder, overlaps resolved by ``overlap="first"``)
+are summed into ``PreprocessedDataset.integrity``, ``{kind: {"count": n, "examples": [first
+few names], "pixels": n}}``, kept in the manifest (each sample's notes also travel in its
+``.npz``, so a resumed run counts finished samples too) and logged as one warning per run.
+``strict_labels=True`` makes each such case an error instead, except the kinds a reader option
+asked for explicitly (``LENIENT_KINDS``), which are still counted.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ from kseg.core.errors import ConfigError, DataError
 from kseg.core.fileio import atomic_save_npz, atomic_write_text
 from kseg.core.log import get_logger
 from kseg.data.weights import class_balance_map, unet_weight_map
-from kseg.io.sample import Sample
+from kseg.io.sample import Sample, preview
 
 CACHE_VERSION = 1
 MANIFEST = "manifest.json"
@@ -41,6 +49,18 @@ MODES = ("none", "resize", "pad")
 WEIGHT_MAPS = ("unet", "balance", "none")
 # Settings that change how the work is done but not what is written: kept out of the cache key.
 NON_OUTPUT_SETTINGS = ("n_jobs", "backend", "on_error", "cache_dir", "progress")
+# Sample.integrity kinds the readers note, as the summary warning words them.
+INTEGRITY_KINDS = {
+    "rle_missing_value_rows_dropped": "CSV row(s) without a run-length value dropped beside rows "
+                                      "with a value for the same image (and class)",
+    "images_without_rows_empty": "image(s) without a CSV row read as having no object (unlisted='empty')",
+    "empty_mask_folders": "empty masks folder(s) read as a sample without objects",
+    "overlaps_resolved_first": "overlapping instance mask(s) resolved by overlap='first'",
+}
+# Kinds an explicit reader option asked for: counted, but not an error under strict_labels.
+LENIENT_KINDS = ("overlaps_resolved_first",)
+INTEGRITY_EXAMPLES = 5  # names kept per kind in the summary
+NOTES_KEY = "integrity"  # the sample's notes (JSON text) inside its .npz
 
 
 class Reader(Protocol):
@@ -71,6 +91,7 @@ class PreprocessSettings:
     on_error: str = "raise"
     cache_dir: str = "cache"
     progress: bool = True
+    strict_labels: bool = False  # a label a reader completed or repaired is an error, not a count
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -83,6 +104,8 @@ class PreprocessSettings:
             raise ConfigError(f"preprocess.class_weights {self.class_weights!r} must be 'balanced' or 'none'")
         if self.on_error not in ("raise", "skip"):
             raise ConfigError(f"preprocess.on_error {self.on_error!r} must be 'raise' or 'skip'")
+        if not isinstance(self.strict_labels, bool):
+            raise ConfigError(f"preprocess.strict_labels must be true or false, not {self.strict_labels!r}")
         if self.channels not in (1, 3):
             raise ConfigError(f"preprocess.channels must be 1 or 3, not {self.channels}")
         if self.size is not None:
@@ -100,24 +123,35 @@ class PreprocessSettings:
         data = dataclasses.asdict(self)
         for name in NON_OUTPUT_SETTINGS:
             data.pop(name)
+        # strict_labels changes the output only when it leaves samples out (on_error=skip): with
+        # on_error=raise a strict run either stops or writes what a lenient one writes, and a
+        # lenient cache's summary is checked on a hit. So caches keep their keys.
+        if not (self.strict_labels and self.on_error == "skip"):
+            data.pop("strict_labels")
         return data
 
 
 @dataclasses.dataclass
 class PreprocessedDataset:
-    """A complete cache folder: one ``<index>.npz`` per sample holding ``image``, ``target``, ``weight``."""
+    """A complete cache folder: one ``<index>.npz`` per sample holding ``image``, ``target``, ``weight``.
+
+    ``integrity`` sums what the reader completed or repaired in the kept samples' labels,
+    ``{kind: {"count": n, "examples": [first few names], "pixels": n}}`` (plain JSON, empty
+    when every label is as its files say; see ``INTEGRITY_KINDS``).
+    """
 
     directory: Path
     ids: list[str]
     kind: str
     skipped: dict[str, str]
+    integrity: dict[str, dict] = dataclasses.field(default_factory=dict)
 
     def path(self, sample_id: str) -> Path:
         return self.directory / _file_name(sample_id)
 
     def load(self, sample_id: str) -> dict[str, np.ndarray]:
         with np.load(self.path(sample_id)) as data:
-            return {key: data[key] for key in data.files}
+            return {key: data[key] for key in data.files if key != NOTES_KEY}
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -219,16 +253,85 @@ def process_sample(sample: Sample, settings: PreprocessSettings) -> dict[str, np
     return arrays
 
 
-def _work(reader: Reader, sample_id: str, out_path: Path, settings: PreprocessSettings) -> tuple[str, str | None]:
-    """Run in a worker: process one sample into its cache file; report an error as text."""
-    if out_path.exists():
-        return sample_id, None
+def _work(reader: Reader, sample_id: str, out_path: Path,
+          settings: PreprocessSettings) -> tuple[str, str | None, dict[str, dict]]:
+    """Run in a worker: process one sample into its cache file; report an error as text, and
+    the sample's label notes (``Sample.integrity``, a few examples per kind)."""
+    cached = _cached_notes(out_path) if out_path.exists() else None
     try:
-        arrays = process_sample(reader.load(sample_id), settings)
+        if cached is not None:
+            notes, where = cached
+        elif out_path.exists():  # written before notes were kept: read the sample again for them
+            sample = reader.load(sample_id)
+            notes, where = _sample_notes(sample), sample.path
+        else:
+            sample = reader.load(sample_id)
+            notes, where = _sample_notes(sample), sample.path
+            arrays = process_sample(sample, settings)
+            arrays[NOTES_KEY] = np.array(json.dumps({"path": where, "notes": notes}))
+            atomic_save_npz(out_path, **arrays)
     except DataError as exc:
-        return sample_id, str(exc)
-    atomic_save_npz(out_path, **arrays)
-    return sample_id, None
+        return sample_id, str(exc), {}
+    error = _strict_error(notes, where or sample_id) if settings.strict_labels else None
+    return sample_id, error, notes
+
+
+def _sample_notes(sample) -> dict[str, dict]:
+    """``sample.integrity`` as plain JSON values, each kind's examples cut to a few."""
+    notes = {}
+    for kind, entry in (getattr(sample, "integrity", None) or {}).items():
+        notes[kind] = {"count": int(entry["count"]),
+                       "examples": [str(e) for e in entry["examples"][:INTEGRITY_EXAMPLES]]}
+        if "pixels" in entry:
+            notes[kind]["pixels"] = int(entry["pixels"])
+    return notes
+
+
+def _cached_notes(path: Path) -> tuple[dict[str, dict], str | None] | None:
+    """(notes, image path) kept in a finished sample's ``.npz``; None when it has none."""
+    try:
+        with np.load(path) as data:
+            if NOTES_KEY not in data.files:
+                return None
+            kept = json.loads(str(data[NOTES_KEY]))
+    except (OSError, ValueError):
+        return None
+    return kept["notes"], kept["path"]
+
+
+def summarize_integrity(notes: Mapping[str, Mapping[str, dict]], ids: list[str]) -> dict[str, dict]:
+    """Per-sample notes summed in ``ids`` order: ``{kind: {"count", "examples", "pixels"}}``."""
+    summary: dict[str, dict] = {}
+    for sample_id in ids:
+        for kind, entry in notes.get(sample_id, {}).items():
+            total = summary.setdefault(kind, {"count": 0, "examples": []})
+            total["count"] += int(entry["count"])
+            room = max(INTEGRITY_EXAMPLES - len(total["examples"]), 0)
+            total["examples"].extend(entry["examples"][:room])
+            if "pixels" in entry:
+                total["pixels"] = total.get("pixels", 0) + int(entry["pixels"])
+    return summary
+
+
+def describe_integrity(kind: str, entry: Mapping[str, Any]) -> str:
+    """One summary entry in words, naming its first few examples."""
+    text = f"{entry['count']} {INTEGRITY_KINDS.get(kind, kind)}"
+    if "pixels" in entry:
+        text += f", {entry['pixels']} pixel(s) left to the earlier mask"
+    examples = list(entry["examples"])
+    shown = preview(examples)
+    if entry["count"] > len(examples):
+        shown += f" and {entry['count'] - len(examples)} more"
+    return f"{text}: {shown}"
+
+
+def _strict_error(notes: Mapping[str, dict], where: object) -> str | None:
+    """The error ``strict_labels`` makes of a sample's notes (lenient kinds aside), or None."""
+    refused = [describe_integrity(k, e) for k, e in notes.items() if k not in LENIENT_KINDS]
+    if not refused:
+        return None
+    return str(DataError("; ".join(refused) + " (preprocess.strict_labels is true: fix the labels, "
+                         "or set it to false to accept them and count them)", where))
 
 
 def preprocess(reader: Reader, settings: PreprocessSettings, ids: list[str] | None = None) -> PreprocessedDataset:
@@ -243,34 +346,55 @@ def preprocess(reader: Reader, settings: PreprocessSettings, ids: list[str] | No
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
         skipped = manifest["skipped"]
+        if "integrity" not in manifest:  # written before label notes were kept: count them once
+            kept = [i for i in ids if i not in skipped]
+            more, notes = _run_workers(reader, settings, kept, directory)
+            skipped.update(more)
+            manifest["integrity"] = summarize_integrity(notes, [i for i in kept if i not in skipped])
+            atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
     else:
         directory.mkdir(parents=True, exist_ok=True)
-        skipped = _run_workers(reader, settings, ids, directory)
+        skipped, notes = _run_workers(reader, settings, ids, directory)
         manifest = {"version": CACHE_VERSION, "kind": reader.kind, "ids": ids, "skipped": skipped,
-                    "settings": settings.output_key()}
+                    "settings": settings.output_key(),
+                    "integrity": summarize_integrity(notes, [i for i in ids if i not in skipped])}
         atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
+    integrity = manifest["integrity"]
     if skipped and settings.on_error == "raise":
         first = next(iter(skipped.values()))
         raise DataError(f"{len(skipped)} bad sample(s); first: {first} (set preprocess.on_error=skip to leave them out)")
+    refused = {k: e for k, e in integrity.items() if k not in LENIENT_KINDS}
+    if settings.strict_labels and refused:  # a cache written by a lenient run
+        raise DataError("preprocess.strict_labels is true and the labels were read with "
+                        + "; ".join(describe_integrity(k, e) for k, e in refused.items())
+                        + " (fix the labels, or set preprocess.strict_labels to false to accept and count them)")
     if skipped:
         _report_skipped(skipped)
+    if integrity:
+        _report_integrity(integrity)
     kept = [i for i in ids if i not in skipped]
-    return PreprocessedDataset(directory=directory, ids=kept, kind=manifest["kind"], skipped=skipped)
+    return PreprocessedDataset(directory=directory, ids=kept, kind=manifest["kind"], skipped=skipped,
+                               integrity=integrity)
 
 
-def _run_workers(reader: Reader, settings: PreprocessSettings, ids: list[str], directory: Path) -> dict[str, str]:
+def _run_workers(reader: Reader, settings: PreprocessSettings, ids: list[str],
+                 directory: Path) -> tuple[dict[str, str], dict[str, dict]]:
+    """(error of each skipped sample, label notes of each sample that has some)."""
     tasks = (joblib.delayed(_work)(reader, i, directory / _file_name(i), settings) for i in ids)
     skipped: dict[str, str] = {}
+    notes: dict[str, dict] = {}
     with joblib.parallel_config(backend=settings.backend, n_jobs=settings.n_jobs):
         results = joblib.Parallel(return_as="generator_unordered")(tasks)
-        for sample_id, error in tqdm(results, total=len(ids), desc="preprocess", unit="img",
-                                     disable=not settings.progress, file=sys.stderr):
+        for sample_id, error, sample_notes in tqdm(results, total=len(ids), desc="preprocess", unit="img",
+                                                   disable=not settings.progress, file=sys.stderr):
+            if sample_notes:
+                notes[sample_id] = sample_notes
             if error is None:
                 continue
             if settings.on_error == "raise":
                 raise DataError(error)
             skipped[sample_id] = error
-    return skipped
+    return skipped, notes
 
 
 def _report_skipped(skipped: dict[str, str]) -> None:
@@ -278,3 +402,11 @@ def _report_skipped(skipped: dict[str, str]) -> None:
     log.warning(f"preprocess: skipped {len(skipped)} bad sample(s):")
     for message in skipped.values():
         log.warning(f"  - {message}")
+
+
+def _report_integrity(integrity: Mapping[str, Mapping[str, Any]]) -> None:
+    """One warning listing each kind of label a reader completed or repaired, with its count."""
+    lines = [f"  - {kind}: {describe_integrity(kind, entry)}" for kind, entry in integrity.items()]
+    get_logger("data").warning(
+        "preprocess: labels read with repairs or assumptions (preprocess.strict_labels: true refuses "
+        "them, an explicit overlap='first' excepted):\n" + "\n".join(lines))

@@ -114,6 +114,11 @@ def stuck_at_baseline(history_csv: Path, monitor: str, baselines: dict[str, floa
     return []
 
 
+def _mark_running(cfg: Config, run: Path) -> None:
+    cfg.dump(run / runs.CONFIG)
+    runs.write_status(run, cfg, "running", started=datetime.now().isoformat(timespec="seconds"))
+
+
 def open_run(cfg: Config, run_dir: Path | None) -> tuple[Path, runs.RunLock, bool]:
     """The run directory -- given, the newest unfinished one of the same config that no live process
     trains, or a new one -- locked by this process and marked running. In a multi-worker job only
@@ -142,12 +147,16 @@ def open_run(cfg: Config, run_dir: Path | None) -> tuple[Path, runs.RunLock, boo
             log.info(f"run {candidate} of this config is being trained by {candidate_lock.owner()}; "
                      "not joining it")
         if run is None:
-            run = runs.new_run_dir(cfg)
-            lock = runs.RunLock(run)
-            if not lock.acquire():
-                raise ConfigError(f"new run directory {run} was taken by {lock.owner()}")
-    cfg.dump(run / runs.CONFIG)
-    runs.write_status(run, cfg, "running", started=datetime.now().isoformat(timespec="seconds"))
+            def contents(folder: Path) -> None:
+                nonlocal lock
+                lock = runs.RunLock(folder)  # flock holds the file, whatever the folder is renamed to
+                if not lock.acquire():
+                    raise ConfigError(f"new run directory {folder} was taken by {lock.owner()}")
+                _mark_running(cfg, folder)
+
+            run = runs.new_run_dir(cfg, contents)
+            lock.path = run / runs.LOCK
+    _mark_running(cfg, run)
     log.info(f"run directory: {run}" + (" (resuming an unfinished run)" if resumed else ""))
     return run, lock, resumed
 
@@ -234,7 +243,7 @@ def _fit(cfg: Config, task: Task, run: Path, lock: runs.RunLock, start: float, p
     seconds = time.perf_counter() - start
     summary = {"monitor": monitor, **scores, "baselines": baselines, "seconds": round(seconds, 1),
                "train_images": len(train_ids), "valid_images": len(valid_ids), "placement": placement,
-               "warnings": warnings}
+               "warnings": warnings, "labels_changed": task.label_report()}
     atomic_write_text(run / runs.RESULTS, json.dumps(summary, indent=1, default=float))
     runs.write_status(run, cfg, "finished", finished=datetime.now().isoformat(timespec="seconds"), **summary)
     snapshots.discard(run)

@@ -30,6 +30,7 @@ from kseg.io.sample import (
     image_and_annotation,
     list_dsb_ids,
     list_images,
+    note,
     preview,
     read_cached,
     read_image,
@@ -56,12 +57,16 @@ class RleRow:
 @dataclasses.dataclass(frozen=True)
 class RleTable:
     """The CSV grouped by image, ids in order of first appearance; empty rows kept out of
-    ``rows`` but their ids listed (an image with no object)."""
+    ``rows`` but their ids listed (an image with no object). ``blank_lines`` holds, per image,
+    the lines of empty rows beside rows with a value for the same image and class: a missing
+    value rather than "no object", dropped but reported (``Sample.integrity``)."""
 
     path: Path
     rows: Mapping[str, tuple[RleRow, ...]]
     first_line: Mapping[str, int]
     has_classes: bool
+    blank_lines: Mapping[str, tuple[int, ...]] = dataclasses.field(
+        default_factory=lambda: types.MappingProxyType({}))
 
 
 def find_column(columns: Sequence[str], chosen: str | None, candidates: Sequence[str], what: str,
@@ -137,17 +142,29 @@ def _read_rle_table(path: str, size: int, mtime_ns: int, id_column, rle_column, 
     empty = encoded.str.lower().isin(EMPTY_RLE).to_numpy()
     rows: dict[str, list[RleRow]] = {}
     first_line: dict[str, int] = {}
+    blanks: dict[str, list[tuple[int, int]]] = {}
     for image_id, line, text, class_id, is_empty in zip(ids.tolist(), lines.tolist(), encoded.tolist(),
                                                         class_ids.tolist(), empty.tolist()):
         first_line.setdefault(image_id, line)
         group = rows.setdefault(image_id, [])
         if not is_empty:
             group.append(RleRow(line, text, class_id))
+        else:
+            blanks.setdefault(image_id, []).append((line, class_id))
+    # An empty row alone (or beside other empty rows) of an image and class means "no object";
+    # beside rows with a value for the same image and class it is a missing value.
+    blank_lines = {}
+    for image_id, empties in blanks.items():
+        with_value = {r.class_id for r in rows[image_id]}
+        missing = tuple(line for line, class_id in empties if class_id in with_value)
+        if missing:
+            blank_lines[image_id] = missing
     return RleTable(
         path,
         types.MappingProxyType({k: tuple(v) for k, v in rows.items()}),
         types.MappingProxyType(first_line),
         classes is not None,
+        types.MappingProxyType(blank_lines),
     )
 
 
@@ -157,6 +174,10 @@ class CsvRleReader:
     Sample ids are the CSV's ImageIds, with or without extension as the CSV writes them.
     ``unlisted`` decides what an image absent from the CSV is: ``"empty"`` (no object, as in
     Severstal, whose CSV lists only images with defects) or ``"exclude"`` (left out).
+
+    Labels completed without an error are noted in ``Sample.integrity``: an image read as empty
+    because it has no row (``images_without_rows_empty``) and each empty row dropped beside rows
+    with a value for the same image and class (``rle_missing_value_rows_dropped``).
     """
 
     def __init__(
@@ -256,12 +277,18 @@ class CsvRleReader:
         image = read_image(image_path)
         shape = image.shape[:2]
         rows = table.rows.get(sample_id, ())
+        integrity: dict[str, dict] = {}
+        if sample_id not in table.first_line:
+            note(integrity, "images_without_rows_empty", sample_id)
+        for line in table.blank_lines.get(sample_id, ()):
+            note(integrity, "rle_missing_value_rows_dropped", f"{sample_id} ({self.csv_path.name} line {line})")
         if self.kind == "instance":
             labels = rle.rles_to_labels([r.rle for r in rows], shape, self.order,
                                         row=[self._where(r.line, sample_id) for r in rows])
             labels = np.ascontiguousarray(labels, np.int32)  # "F" decoding gives a column-major view
-            return Sample(sample_id, image, labels=labels, path=str(image_path))
-        return Sample(sample_id, image, mask=self._class_mask(rows, shape, sample_id), path=str(image_path))
+            return Sample(sample_id, image, labels=labels, path=str(image_path), integrity=integrity)
+        return Sample(sample_id, image, mask=self._class_mask(rows, shape, sample_id), path=str(image_path),
+                      integrity=integrity)
 
     def _class_mask(self, rows: Sequence[RleRow], shape: tuple[int, int], sample_id: str) -> np.ndarray:
         """Paint rows by class; two classes on one pixel is an error unless ``multilabel``."""

@@ -8,6 +8,11 @@ sorted name order. Test folders (no ``masks`` folder) give samples without label
 
 Overlapping masks are an error by default. The public stage-1 masks still hold a few overlaps of
 a pixel or two; ``overlap="first"`` gives such pixels to the earlier mask instead.
+
+What is read without an error but not as the files say is noted in ``Sample.integrity``: an
+empty ``masks`` folder read as a sample without objects (``empty_mask_folders``) and each mask
+whose overlap ``overlap="first"`` resolved, with the pixels left to the earlier mask
+(``overlaps_resolved_first``).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from kseg.io.sample import (
     Sample,
     check_same_size,
     is_image_file,
+    note,
     preview,
     read_image,
     read_mask,
@@ -98,16 +104,23 @@ class DsbReader:
         image_path = self.image_path(sample_id)
         image = read_image(image_path)
         mask_paths = self.mask_paths(sample_id)
-        labels = None if mask_paths is None else merge_instance_masks(mask_paths, image, self.overlap)
-        return Sample(sample_id, image, labels=labels, path=str(image_path))
+        integrity: dict[str, dict] = {}
+        labels = None
+        if mask_paths is not None:
+            if not mask_paths:
+                note(integrity, "empty_mask_folders", f"{sample_id}/masks")
+            labels = merge_instance_masks(mask_paths, image, self.overlap, integrity)
+        return Sample(sample_id, image, labels=labels, path=str(image_path), integrity=integrity)
 
 
-def merge_instance_masks(mask_paths: list[Path], image: np.ndarray, overlap: str = "error") -> np.ndarray:
+def merge_instance_masks(mask_paths: list[Path], image: np.ndarray, overlap: str = "error",
+                         integrity: dict[str, dict] | None = None) -> np.ndarray:
     """One int32 label image from one-instance mask files (file k -> label k, from 1).
 
     The label image doubles as the occupancy counter: a mask landing on pixels already labelled
     is an overlap, and the labels found there name the earlier file, so no pairwise comparison
-    of masks is needed. ``overlap="first"`` leaves such pixels to the earlier mask.
+    of masks is needed. ``overlap="first"`` leaves such pixels to the earlier mask and, given an
+    ``integrity`` mapping (``Sample.integrity``), notes each such mask with its pixel count.
     """
     height, width = image.shape[:2]
     labels = np.zeros(height * width, np.int32)
@@ -130,5 +143,11 @@ def merge_instance_masks(mask_paths: list[Path], image: np.ndarray, overlap: str
             pixels = pixels[earlier == 0]
             if pixels.size == 0:
                 raise DataError(f"instance mask lies entirely inside {other.name}; drop one of the two", path)
+            if integrity is not None:
+                name = "/".join(path.parts[-3:])  # <id>/masks/<file>
+                owners = len(np.unique(clash))
+                others = f" and {owners - 1} other mask(s)" if owners > 1 else ""
+                note(integrity, "overlaps_resolved_first", f"{name} ({clash.size} px to {other.name}{others})",
+                     pixels=clash.size)
         labels[pixels] = label
     return labels.reshape(height, width)

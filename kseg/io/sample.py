@@ -27,6 +27,11 @@ class Sample:
     H x W instance label image (0 = background, 1..K instances) for instance datasets, or ``mask`` a
     uint8 H x W class-index mask for semantic ones (H x W x C of 0/1 when classes may overlap);
     test samples have neither.
+
+    ``integrity`` records what the reader assumed or repaired in the labels instead of failing,
+    ``{kind: {"count": n, "examples": [names], "pixels": n}}`` (``pixels`` only where pixels
+    moved); empty when the labels are exactly what the files say. Preprocessing sums it over the
+    dataset (see :func:`note` and ``PreprocessedDataset.integrity``).
     """
 
     id: str
@@ -34,11 +39,22 @@ class Sample:
     labels: np.ndarray | None = None
     mask: np.ndarray | None = None
     path: str | None = None
+    integrity: dict[str, dict] = dataclasses.field(default_factory=dict)
 
     @property
     def target(self) -> np.ndarray | None:
         """The label image if there is one, else the class mask."""
         return self.labels if self.labels is not None else self.mask
+
+
+def note(integrity: dict[str, dict], kind: str, example: str, pixels: int | None = None) -> None:
+    """Count one case of ``kind`` in a ``Sample.integrity`` mapping, named by ``example`` (a file,
+    row or id); ``pixels`` adds to the kind's pixel total."""
+    entry = integrity.setdefault(kind, {"count": 0, "examples": []})
+    entry["count"] += 1
+    entry["examples"].append(str(example))
+    if pixels is not None:
+        entry["pixels"] = entry.get("pixels", 0) + int(pixels)
 
 
 def _read_any(path: Path, flags: int) -> np.ndarray:
@@ -52,7 +68,8 @@ def _read_any(path: Path, flags: int) -> np.ndarray:
     if array is None:
         try:
             array = np.asarray(skimage.io.imread(str(path)))
-            if array.ndim == 4:  # animated GIF: first frame
+            frames_first = path.suffix.lower() == ".gif" and array.ndim == 3 and array.shape[-1] not in (3, 4)
+            if array.ndim == 4 or frames_first:  # GIF frames (grey: frames x H x W): the first
                 array = array[0]
         except Exception as exc:  # noqa: BLE001 - any decoder failure means a corrupt file
             raise DataError(f"cannot decode image ({exc.__class__.__name__}: {exc})", path) from exc
@@ -142,9 +159,9 @@ def read_mask(path: str | Path) -> np.ndarray:
         array = array[..., 0]
     if array.dtype != np.uint8:
         values = np.unique(array)
-        if values.size == 2 and values[0] == 0 and values[1] > 255:
-            # A binary mask of a wider type (TGS Salt ships 16-bit PNGs of 0 / 65535): 0 / 255, as
-            # an 8-bit binary mask reads.
+        if values[-1] > 255 and (values.size == 1 or (values.size == 2 and values[0] == 0)):
+            # A binary mask of a wider type (TGS Salt ships 16-bit PNGs of 0 / 65535, a tile all salt
+            # being all 65535): 0 / 255, as an 8-bit binary mask reads.
             array = np.where(array > 0, 255, 0).astype(np.uint8)
         elif values[-1] > 255:
             raise DataError(f"mask values up to {values[-1]} ({values.size} distinct) do not fit uint8 classes "

@@ -106,6 +106,12 @@ class Task:
     def callbacks(self, inference: keras.Model, logs_dir: Path, images: list, truths: list) -> list:
         return []
 
+    def label_report(self) -> dict:
+        """What preprocessing changed in the labels and counted (:attr:`PreprocessedDataset.integrity`),
+        for the run's ``results.json``; empty when nothing was changed or the family reads no masks."""
+        data = getattr(self, "data", None)
+        return dict(getattr(data, "integrity", None) or {})
+
     def baselines(self, images: list, truths: list) -> dict[str, list]:
         """``{name: predictions of the validation images}`` of the classical baselines."""
         return {}

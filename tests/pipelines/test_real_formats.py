@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 from fixtures_competitions import (
     CARVANA_SHAPE,
-    Competition,
     SEVERSTAL_SHAPE,
+    Competition,
     write_airbus,
     write_carvana,
     write_dsb2018,
@@ -31,7 +31,6 @@ from fixtures_competitions import (
     write_siim_acr,
     write_tgs_salt,
 )
-
 from fixtures_datasets import same_partition
 
 import kseg
@@ -43,8 +42,8 @@ from kseg.io.readers import open_dataset
 from kseg.io.sample import read_image
 
 TINY_UNET = ("model.args.depth=2", "model.args.base_filters=4")
-TINY_MASKRCNN = dict(backbone="small", width=4, fpn_channels=8, fc_channels=16, mask_channels=8, mask_convs=1,
-                     rpn_pre_nms=200, rpn_post_nms=50, max_detections=20)
+TINY_MASKRCNN = {"backbone": "small", "width": 4, "fpn_channels": 8, "fc_channels": 16, "mask_channels": 8,
+                 "mask_convs": 1, "rpn_pre_nms": 200, "rpn_post_nms": 50, "max_detections": 20}
 
 
 def one_step(tmp_path: Path, *extra: str) -> list[str]:
@@ -163,7 +162,7 @@ def test_tgs_salt_unet_on_its_file_format(tmp_path):
     result = kseg.submit(run, test_dir=data.root / "test" / "images", sample=data.root / "sample_submission.csv",
                          output=out, progress=False)
     assert result.csv == out and result.report.images == 2
-    header, rows = read_csv_rows(out)
+    _, rows = read_csv_rows(out)
     assert [r[0] for r in rows] == data.test_ids  # the sample submission's order
     masks = check_csv(out, "tgs_salt", {i: (101, 101) for i in data.test_ids})
     assert all(m[0].shape == (101, 101) for m in masks.values())
@@ -226,7 +225,7 @@ def test_carvana_unet_on_its_file_format(tmp_path):
 
     result = kseg.submit(run, output=tmp_path / "submission.csv", progress=False)  # the config's test/ + sample
     assert result.report.images == 1
-    header, rows = read_csv_rows(result.csv)
+    _, rows = read_csv_rows(result.csv)
     assert [r[0] for r in rows] == data.test_ids and data.test_ids[0].endswith("_01.jpg")
     check_csv(result.csv, "carvana", {i: CARVANA_SHAPE for i in data.test_ids})
 
@@ -352,7 +351,7 @@ def test_demo_pipelines_end_to_end(model, demo_root, tmp_path):
     extra = {
         "unet": [*TINY_UNET, "generator.crop_size=[64,64]", "generator.batch_size=2"],
         "ssd": DSB_MODELS["ssd"],
-        "maskrcnn": [*DSB_MODELS["maskrcnn"], "detection.max_instances=256"],  # demo images hold up to ~200
+        "maskrcnn": [*DSB_MODELS["maskrcnn"], "detection.max_instances=64"],
     }[model]
     cfg = kseg.load_config("demo", model=model, data_root=demo_root, overrides=one_step(
         tmp_path, "dataset.demo=false", "split.n_folds=5", "predict.tta=none", *extra))

@@ -56,7 +56,7 @@ def instance_targets(labels: np.ndarray, max_instances: int, min_pixels: int = 4
         keep = areas >= min_pixels
         if keep.sum() > max_instances:
             warnings.warn(f"{keep.sum()} instances in one image; keeping the {max_instances} largest "
-                          "(raise maskrcnn.max_instances)", stacklevel=2)
+                          "(raise detection.max_instances)", stacklevel=2)
             largest = np.argsort(-np.where(keep, areas, -1), kind="stable")[:max_instances]
             keep = np.zeros_like(keep)
             keep[largest] = True

@@ -60,6 +60,14 @@ def pad_multiple(cfg: Config) -> int:
     return int(input_divisor(cfg.model.name, **dict(cfg.model.args or {})))
 
 
+def _own_area(weight: np.ndarray):
+    """The slice of a padded sample that is the image's own (the pad carries weight 0)."""
+    rows, cols = np.flatnonzero(weight.any(axis=1)), np.flatnonzero(weight.any(axis=0))
+    if rows.size == 0:
+        return np.s_[:, :]
+    return np.s_[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+
+
 def class_count(cfg: Config, probabilities: np.ndarray) -> int:
     """Classes per image for per-class formats: ``submission.num_classes``, else the model's."""
     if cfg.submission.num_classes:
@@ -88,9 +96,14 @@ class SemanticTask(Task):
         return Built(inference, training, train_batches, validation_data=valid_batches)
 
     def validation(self, valid_ids):
+        """Whole preprocessed images to predict; the truths to score against. With
+        ``preprocess.mode: pad`` the score covers the image's own area only (where the weight map is
+        not zero): the padded margin is not the competition's, and its loss weight is 0."""
         self.valid_arrays = [self.data.load(i) for i in valid_ids]
+        pad = self.cfg.preprocess.mode == "pad"
+        self.valid_boxes = [_own_area(a["weight"]) if pad and "weight" in a else np.s_[:, :] for a in self.valid_arrays]
         images = [a["image"].astype(np.float32) / 255 for a in self.valid_arrays]
-        truths = [a["target"] for a in self.valid_arrays]
+        truths = [a["target"][box] for a, box in zip(self.valid_arrays, self.valid_boxes)]
         return images, truths
 
     @property
@@ -118,17 +131,20 @@ class SemanticTask(Task):
         return probabilities_to_target(probabilities, fmt, post, self.cfg.generator.targets)
 
     def predict_many(self, model, images):
-        return [self.target(predict_image(model, image, self.divisor)) for image in images]
+        return [self.target(predict_image(model, image, self.divisor))[box]
+                for image, box in zip(images, self.valid_boxes)]
 
     def callbacks(self, inference, logs_dir: Path, images, truths):
         weights = [a.get("weight", np.ones(a["target"].shape, np.float32)) for a in self.valid_arrays]
-        return [TensorBoardImages(inference, logs_dir, images, [np.asarray(t) for t in truths], weights,
+        whole_truths = [np.asarray(a["target"]) for a in self.valid_arrays]
+        return [TensorBoardImages(inference, logs_dir, images, whole_truths, weights,
                                   pad_multiple=self.divisor, every=int(self.cfg.train.image_every))]
 
     def baselines(self, images, truths):
         """All-empty, all-foreground and Otsu predictions, in the form the monitor scores."""
-        otsu = [otsu_baseline(a["image"], min_size=int(self.cfg.postprocess.min_size)) for a in self.valid_arrays]
-        shapes = [a["image"].shape[:2] for a in self.valid_arrays]
+        own = [a["image"][box] for a, box in zip(self.valid_arrays, self.valid_boxes)]
+        otsu = [otsu_baseline(image, min_size=int(self.cfg.postprocess.min_size)) for image in own]
+        shapes = [image.shape[:2] for image in own]
         if self.metric == "class_iou":
             return {"otsu": [labels > 0 for labels in otsu], "empty": [np.zeros(s, bool) for s in shapes],
                     "all_foreground": [np.ones(s, bool) for s in shapes]}

@@ -122,7 +122,7 @@ class SsdTask(Task):
         if getattr(reader, "kind", None) == "boxes":
             self.source = reader
             return reader.ids(), None
-        data = preprocess_train(self.cfg)
+        data = self.data = preprocess_train(self.cfg)
         self.source = InstanceBoxSource(data)
         return list(data.ids), fold_strata(self.cfg, data)
 
