@@ -91,7 +91,7 @@ def test_a_kill_at_a_named_point_resumes_to_the_same_weights(fault, demo_root, t
 def test_kills_at_seeded_moments_across_epochs_still_finish_identically(demo_root, tmp_path, reference):
     cfg = config(demo_root, tmp_path)
     moments = random.Random(7)
-    for _ in range(12):
+    for _ in range(6):
         job = start(cfg, tmp_path)
         time.sleep(moments.uniform(4.0, 14.0))  # TensorFlow's start takes a few seconds
         if job.poll() is not None:
