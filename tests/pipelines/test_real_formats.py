@@ -149,11 +149,12 @@ def monitor(run: Path) -> str:
 # -- TGS Salt --------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_tgs_salt_unet_on_its_file_format(tmp_path):
-    """101x101 RGB PNG tiles + 16-bit 0/65535 masks: pad to 128, train, submit id,rle_mask (F)."""
+    """101x101 RGB PNG tiles + 16-bit 0/65535 masks: native tiles as one grey channel, train, submit
+    id,rle_mask (F)."""
     data = write_tgs_salt(tmp_path / "tgs", n_train=6, n_test=2)
     cfg = kseg.load_config("tgs_salt", model="unet", data_root=data.root, overrides=one_step(
         tmp_path, *TINY_UNET, "generator.batch_size=4", "split.n_folds=3"))
-    assert (cfg.preprocess.mode, list(cfg.preprocess.size), cfg.preprocess.channels) == ("pad", [128, 128], 1)
+    assert (cfg.preprocess.mode, cfg.preprocess.size, cfg.preprocess.channels) == ("none", None, 1)
     assert_reads_truth(cfg, data)
     run = trained(cfg)
     assert monitor(run) == "val_tgs_iou_map"
