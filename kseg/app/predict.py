@@ -41,10 +41,10 @@ from tqdm.auto import tqdm
 from kseg.core.errors import ConfigError, DataError
 from kseg.core.fileio import atomic_path, atomic_write_bytes
 from kseg.core.pictures import draw_boxes
-from kseg.core.runs import run_config
 from kseg.io.sample import list_dsb_ids, list_images
-from kseg.submission.formats import FORMATS, SubmissionFormat, get_format
-from kseg.tasks.base import Submission, get_task, load_run
+from kseg.submission.formats import SubmissionFormat
+from kseg.submission.make import open_runs
+from kseg.tasks.base import Submission
 
 KINDS = {"instance": "instances", "image": "mask", "image_class": "classes", "image_boxes": "boxes"}
 BOXES_CSV = "boxes.csv"
@@ -180,16 +180,8 @@ def open_prediction(runs: Sequence[str | os.PathLike], overrides: Sequence[str] 
     """``(submission, kind)`` of the run(s), opened as ``make submit`` opens them: the first run's
     config picks the task and the format, the task checks both, and each run's checkpoint
     (``predict.checkpoint``) is loaded. ``kind``: instances, mask, classes or boxes."""
-    runs = [Path(r) for r in runs]
-    if not runs:
-        raise ConfigError("no run to predict with")
-    overrides = list(overrides)
-    cfg = run_config(runs[0], overrides)
-    task = get_task(cfg)
-    fmt = get_format(cfg.submission.format)
-    task.check_format(fmt, runs, tuple(FORMATS.values()))
-    members = [load_run(r, str(cfg.predict.checkpoint), overrides) for r in runs]
-    return task.submission(members, fmt, overrides), output_kind(fmt)
+    _, fmt, _, submission = open_runs([Path(r) for r in runs], list(overrides))
+    return submission, output_kind(fmt)
 
 
 def predict_images(runs: str | os.PathLike | Sequence[str | os.PathLike],

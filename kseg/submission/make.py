@@ -95,6 +95,21 @@ def test_items(cfg, fmt: SubmissionFormat, test_dir=None, sample=None) -> tuple[
     return discover_test_ids(Path(test_dir), sample, id_style=fmt.id_style), sample
 
 
+def open_runs(runs: Sequence[Path], overrides: Sequence[str] = ()):
+    """``(config, format, loaded runs, submission)`` of one run or an ensemble: the first run's config
+    picks the task and the format, the task checks both, and each run's ``predict.checkpoint`` is
+    loaded. ``make submit`` and ``kseg predict`` open runs this one way."""
+    runs = [Path(r) for r in runs]
+    if not runs:
+        raise ConfigError("no run given")
+    cfg = run_config(runs[0], overrides)
+    task = get_task(cfg)
+    fmt = get_format(cfg.submission.format)
+    task.check_format(fmt, runs, tuple(FORMATS.values()))
+    members = [load_run(r, str(cfg.predict.checkpoint), overrides) for r in runs]
+    return cfg, fmt, members, task.submission(members, fmt, overrides)
+
+
 def make_submission(runs: Sequence[str | Path], overrides: Sequence[str] = (), test_dir: str | Path | None = None,
                     sample: str | Path | None = None, out_dir: str | Path | None = None,
                     data_root: str | Path | None = None, progress: bool = True,
@@ -118,13 +133,8 @@ def make_submission(runs: Sequence[str | Path], overrides: Sequence[str] = (), t
         if run_state(run) == "running":
             state = "being trained" if in_use(run) else "unfinished (its training stopped)"
             log.warning(f"warning: run {run} is {state}: its checkpoints are from the epochs done so far")
-    cfg = run_config(runs[0], overrides)
-    task = get_task(cfg)
-    fmt = get_format(cfg.submission.format)
-    task.check_format(fmt, runs, tuple(FORMATS.values()))
-    members = [load_run(r, str(cfg.predict.checkpoint), overrides) for r in runs]
+    cfg, fmt, members, submission = open_runs(runs, overrides)
     items, sample = test_items(cfg, fmt, test_dir, sample)
-    submission = task.submission(members, fmt, overrides)
 
     bad = unreadable_images(items, str(cfg.submission.on_error))
     csv_path = Path(output) if output is not None else submission_path(cfg, runs, out_dir)
