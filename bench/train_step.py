@@ -35,7 +35,7 @@ SETTINGS = {
 }
 
 
-def build(mixed: bool, xla: bool):
+def build(mixed: bool, xla: bool, batch_norm: bool = True):
     import keras
 
     from kseg.engine.distribute import set_mixed_precision
@@ -45,7 +45,7 @@ def build(mixed: bool, xla: bool):
     set_mixed_precision(mixed)
     keras.utils.set_random_seed(0)
     inference = build_model("unet", input_shape=(SIZE, SIZE, 3), targets="mask+border", depth=4,
-                            base_filters=16, batch_norm=True)
+                            base_filters=16, batch_norm=batch_norm)
     training = build_training_model(inference, loss="bce_dice")
     training.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=xla)
     return inference, training
@@ -69,21 +69,29 @@ def forward_flops(model) -> int:
     return int(total)
 
 
-def time_setting(name: str, steps: int) -> dict:
+def random_batch(batch_size: int) -> dict:
+    """Random images, an all-ones weight map and random mask+border targets (timing only)."""
     import numpy as np
 
-    setting = SETTINGS[name]
-    inference, training = build(**setting)
     rng = np.random.default_rng(0)
-    batch = {"image": rng.random((BATCH, SIZE, SIZE, 3), dtype=np.float32),
-             "weight_map": np.ones((BATCH, SIZE, SIZE, 1), np.float32),
-             "target": (rng.random((BATCH, SIZE, SIZE, 2)) > 0.5).astype(np.float32)}
+    return {"image": rng.random((batch_size, SIZE, SIZE, 3), dtype=np.float32),
+            "weight_map": np.ones((batch_size, SIZE, SIZE, 1), np.float32),
+            "target": (rng.random((batch_size, SIZE, SIZE, 2)) > 0.5).astype(np.float32)}
+
+
+def seconds_per_step(training, batch: dict, steps: int) -> float:
+    """Mean wall time of ``train_on_batch`` over ``steps`` steps, after two warm-up steps."""
     for _ in range(2):
         training.train_on_batch(batch)
     start = time.perf_counter()
     for _ in range(steps):
         training.train_on_batch(batch)
-    seconds = (time.perf_counter() - start) / steps
+    return (time.perf_counter() - start) / steps
+
+
+def time_setting(name: str, steps: int) -> dict:
+    inference, training = build(**SETTINGS[name])
+    seconds = seconds_per_step(training, random_batch(BATCH), steps)
     return {"name": name, "step_s": seconds, "images_per_s": BATCH / seconds,
             "forward_flops": forward_flops(inference), "parameters": inference.count_params()}
 

@@ -150,3 +150,32 @@ def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
         return False
     pairs = np.unique(np.stack([a.ravel(), b.ravel()]), axis=1)
     return len(np.unique(pairs[0])) == len(np.unique(pairs[1])) == pairs.shape[1]
+
+
+def nuclei_12bit(n: int = 21, shape=(96, 128), seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(uint16 image of 12-bit values, int label image): ``n`` discs, each a different brightness
+    between 180 and 4000 on a background of 40, as a 12-bit fluorescence camera saves them."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    labels = np.zeros(shape, np.int32)
+    centres = [(r, c) for r in range(10, shape[0] - 8, 19) for c in range(10, shape[1] - 8, 19)]
+    for index, (r, c) in enumerate(centres[:n], start=1):
+        labels[(yy - r) ** 2 + (xx - c) ** 2 <= 36] = index
+    assert labels.max() == n
+    brightness = np.linspace(180, 4000, n).round().astype(np.uint16)
+    rng.shuffle(brightness)
+    image = np.full(shape, 40, np.uint16)
+    image[labels > 0] = brightness[labels[labels > 0] - 1]
+    return image, labels
+
+
+def paired_12bit(root: Path, n: int = 3) -> tuple[Path, Path]:
+    """A paired images/masks dataset of ``nuclei_12bit`` images (seeds 0..n-1), ids s0, s1, ..."""
+    images, masks = root / "images", root / "masks"
+    images.mkdir(parents=True)
+    masks.mkdir()
+    for index in range(n):
+        image, labels = nuclei_12bit(seed=index)
+        imwrite(images / f"s{index}.png", image)
+        imwrite(masks / f"s{index}.png", ((labels > 0) * 255).astype(np.uint8))
+    return images, masks

@@ -31,6 +31,9 @@ from kseg.core.fileio import atomic_write_text
 
 # The files of a run directory.
 CONFIG = "config.yaml"  # the resolved config the run trained with
+# Settings added since some runs were trained, with the value that reproduces how those runs
+# worked; ``_base.yaml``'s default applies to new runs only.
+LEGACY_DEFAULTS = {("preprocess", "intensity"): "uint8"}
 STATUS = "status.json"  # running | finished, and the fingerprint that a resume must match
 BEST = "best.keras"  # inference model of the best monitored epoch
 LAST = "last.keras"  # inference model of the last epoch
@@ -206,6 +209,9 @@ def run_config(run_dir: str | Path, overrides: Iterable[str] = ()) -> Config:
     if not isinstance(saved, dict):
         raise DataError("config.yaml does not hold a mapping", path)
     merged = dict(saved)
+    for (section, key), value in LEGACY_DEFAULTS.items():
+        if isinstance(merged.get(section), dict) and key not in merged[section]:
+            merged[section] = {**merged[section], key: value}
     for key, default in load_raw(PIPELINES_DIR / BASE_NAME).items():
         if key not in merged:
             merged[key] = default

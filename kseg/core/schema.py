@@ -35,6 +35,7 @@ PREPROCESS_MODES = ("none", "resize", "pad")  # kseg.data.preprocess.MODES
 WEIGHT_MAPS = ("unet", "balance", "none")  # kseg.data.preprocess.WEIGHT_MAPS
 CLASS_WEIGHTS = ("balanced", "none")
 ON_ERROR = ("raise", "skip")
+INTENSITY_POLICIES = ("auto", "uint8", "percentile")  # kseg.io.intensity.POLICIES
 AUGMENT_PRESETS = ("none", "flips", "microscopy", "natural")  # kseg.data.augment.PRESETS
 TARGET_CHANNELS = ("mask", "border", "center")  # kseg.tasks.semantic.targets.CHANNEL_NAMES
 TARGET_CLASSES = "classes"  # kseg.tasks.semantic.targets.CLASSES
@@ -238,6 +239,7 @@ class PreprocessSection(Section):
     backend: Name
     on_error: choice(ON_ERROR)
     strict_labels: bool
+    intensity: choice(INTENSITY_POLICIES)
     cache_dir: Name
     progress: bool
 

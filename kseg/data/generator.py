@@ -14,7 +14,10 @@ import threading
 from collections.abc import Sequence
 
 import albumentations as A
+import keras
 import numpy as np
+
+from kseg.core.errors import ConfigError
 
 IN_MEMORY_LIMIT_BYTES = 2 * 1024**3
 
@@ -49,8 +52,30 @@ class SeededEpochs:
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
         self.steps_per_epoch = int(steps_per_epoch) if steps_per_epoch else None
+        # Training batches (shuffled) are split between the processes of a multi-process job;
+        # evaluation batches (in order) are read whole by each process that scores.
+        self.shard = process_shard() if self.shuffle else (0, 1)
+        index, count = self.shard
+        if count > 1:
+            if self.batch_size % count:
+                raise ConfigError(f"generator.batch_size={self.batch_size} is the global batch of {count} processes: "
+                                  f"make it a multiple of {count}")
+            # Every process must run the same steps on equal shards: the last batch is filled up from
+            # the next pass's order instead of being cut short.
+            self.steps_per_epoch = self.steps_per_epoch or math.ceil(len(self.ids) / self.batch_size)
         self.epoch = 0
         self._order = self._epoch_order(0)
+
+    def positions(self, index: int) -> range:
+        """Positions in the epoch's order of batch ``index`` -- in a multi-process job, of this
+        process's slice of that global batch (each process builds only its own rows)."""
+        start = index * self.batch_size
+        stop = min(start + self.batch_size, len(self._order))
+        shard, count = self.shard
+        if count == 1:
+            return range(start, stop)
+        rows = self.batch_size // count
+        return range(start + shard * rows, min(start + (shard + 1) * rows, stop))
 
     def _init_cache(self, load, *, in_memory: bool | None = None, file_bytes=None, loaded_bytes=None) -> None:
         """Keep every sample in memory when they fit in ``IN_MEMORY_LIMIT_BYTES`` (``in_memory``
@@ -103,6 +128,17 @@ class SeededEpochs:
         if key not in copies:
             copies[key] = copy.deepcopy(self.augment)
         return copies[key]
+
+
+def process_shard() -> tuple[int, int]:
+    """``(this process's index, process count)`` of a multi-process data-parallel job (the JAX
+    backend under ``keras.distribution``, see ``kseg.engine.distribute``); ``(0, 1)`` otherwise.
+    Each process then feeds its own rows of every global batch and Keras assembles the batch."""
+    if keras.backend.backend() != "jax" or keras.distribution.distribution() is None:
+        return 0, 1
+    import jax
+
+    return jax.process_index(), jax.process_count()
 
 
 def batch_options(cfg) -> dict:

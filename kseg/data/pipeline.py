@@ -36,7 +36,8 @@ def train_reader(cfg: Config):
     options = dict(section.options or {})
     train = root / section.train if section.train else root
     masks = root / section.masks if section.masks else None
-    return open_dataset(section.layout, train, masks=masks, **options)
+    return open_dataset(section.layout, train, masks=masks, intensity=cfg.preprocess.intensity,
+                        **options)
 
 
 def preprocess_settings(cfg: Config) -> PreprocessSettings:

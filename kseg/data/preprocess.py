@@ -7,6 +7,8 @@ named by a hash of the data (files, sizes, mtimes) and of the preprocessing sett
 - a changed setting or a changed file gives a new folder (a rebuild),
 - an interrupted run resumes: finished samples are kept (each file is written atomically) and the
   manifest that marks the folder complete is written last,
+- a failed run (a bad file under ``on_error="raise"``, a full disk) removes the folder it was
+  filling, unless another job is filling it too, so no manifest-less folder is left for nothing,
 - workers return only a few bytes (id and error), never arrays, so parallelism pays off.
 
 Bad inputs are never dropped silently: ``on_error="raise"`` stops at the first one with its file
@@ -23,11 +25,15 @@ asked for explicitly (``LENIENT_KINDS``), which are still counted.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
+import os
+import shutil
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -41,10 +47,12 @@ from kseg.core.errors import ConfigError, DataError
 from kseg.core.fileio import atomic_save_npz, atomic_write_text
 from kseg.core.log import get_logger
 from kseg.data.weights import class_balance_map, unet_weight_map
+from kseg.io.intensity import DECODE_KINDS, check_policy
 from kseg.io.sample import Sample, preview
 
 CACHE_VERSION = 1
 MANIFEST = "manifest.json"
+FILLING = ".filling.lock"  # held shared by every job filling a cache folder (see _filling)
 MODES = ("none", "resize", "pad")
 WEIGHT_MAPS = ("unet", "balance", "none")
 # Settings that change how the work is done but not what is written: kept out of the cache key.
@@ -56,9 +64,10 @@ INTEGRITY_KINDS = {
     "images_without_rows_empty": "image(s) without a CSV row read as having no object (unlisted='empty')",
     "empty_mask_folders": "empty masks folder(s) read as a sample without objects",
     "overlaps_resolved_first": "overlapping instance mask(s) resolved by overlap='first'",
+    **DECODE_KINDS,  # what preprocess.intensity did to images: reported apart from the labels
 }
-# Kinds an explicit reader option asked for: counted, but not an error under strict_labels.
-LENIENT_KINDS = ("overlaps_resolved_first",)
+# Kinds an explicit setting asked for: counted, but not an error under strict_labels.
+LENIENT_KINDS = ("overlaps_resolved_first", *DECODE_KINDS)
 INTEGRITY_EXAMPLES = 5  # names kept per kind in the summary
 NOTES_KEY = "integrity"  # the sample's notes (JSON text) inside its .npz
 
@@ -92,6 +101,7 @@ class PreprocessSettings:
     cache_dir: str = "cache"
     progress: bool = True
     strict_labels: bool = False  # a label a reader completed or repaired is an error, not a count
+    intensity: str = "auto"  # how the reader decodes images to uint8 (kseg.io.intensity); part of the cache key
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -106,6 +116,7 @@ class PreprocessSettings:
             raise ConfigError(f"preprocess.on_error {self.on_error!r} must be 'raise' or 'skip'")
         if not isinstance(self.strict_labels, bool):
             raise ConfigError(f"preprocess.strict_labels must be true or false, not {self.strict_labels!r}")
+        check_policy(self.intensity)
         if self.channels not in (1, 3):
             raise ConfigError(f"preprocess.channels must be 1 or 3, not {self.channels}")
         if self.size is not None:
@@ -337,6 +348,10 @@ def _strict_error(notes: Mapping[str, dict], where: object) -> str | None:
 def preprocess(reader: Reader, settings: PreprocessSettings, ids: list[str] | None = None) -> PreprocessedDataset:
     """Preprocess ``ids`` (default: all) of ``reader`` into the cache, or read the cache."""
 
+    decoding = getattr(reader, "intensity", settings.intensity)
+    if decoding != settings.intensity:
+        raise ConfigError(f"the reader decodes images with intensity={decoding!r} but preprocess.intensity is "
+                          f"{settings.intensity!r}: open it with open_dataset(..., intensity={settings.intensity!r})")
     ids = list(reader.ids() if ids is None else ids)
     if not ids:
         raise DataError("dataset has no samples", getattr(reader, "root", None))
@@ -353,12 +368,12 @@ def preprocess(reader: Reader, settings: PreprocessSettings, ids: list[str] | No
             manifest["integrity"] = summarize_integrity(notes, [i for i in kept if i not in skipped])
             atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
     else:
-        directory.mkdir(parents=True, exist_ok=True)
-        skipped, notes = _run_workers(reader, settings, ids, directory)
-        manifest = {"version": CACHE_VERSION, "kind": reader.kind, "ids": ids, "skipped": skipped,
-                    "settings": settings.output_key(),
-                    "integrity": summarize_integrity(notes, [i for i in ids if i not in skipped])}
-        atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
+        with _filling(directory):
+            skipped, notes = _run_workers(reader, settings, ids, directory)
+            manifest = {"version": CACHE_VERSION, "kind": reader.kind, "ids": ids, "skipped": skipped,
+                        "settings": settings.output_key(),
+                        "integrity": summarize_integrity(notes, [i for i in ids if i not in skipped])}
+            atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
     integrity = manifest["integrity"]
     if skipped and settings.on_error == "raise":
         first = next(iter(skipped.values()))
@@ -371,10 +386,61 @@ def preprocess(reader: Reader, settings: PreprocessSettings, ids: list[str] | No
     if skipped:
         _report_skipped(skipped)
     if integrity:
-        _report_integrity(integrity)
+        _report_integrity(integrity, settings.intensity)
     kept = [i for i in ids if i not in skipped]
     return PreprocessedDataset(directory=directory, ids=kept, kind=manifest["kind"], skipped=skipped,
                                integrity=integrity)
+
+
+@contextlib.contextmanager
+def _dask_client(backend: str) -> Iterator[None]:
+    """For ``backend="dask"``: the caller's ``dask.distributed`` client, else one for this run --
+    connected to the scheduler dask's configuration names (``DASK_SCHEDULER_ADDRESS``), or to a
+    local cluster when it names none -- so the command line needs no Python to use a cluster."""
+    if backend != "dask":
+        yield
+        return
+    try:
+        from distributed import Client, get_client
+    except ImportError as exc:
+        raise ConfigError("preprocess.backend=dask needs dask.distributed: pip install 'kseg[dask]'") from exc
+    try:
+        get_client()
+    except ValueError:  # no client in this process
+        with Client() as client:
+            get_logger("data").info(f"preprocess: dask scheduler {client.scheduler.address}")
+            yield
+        return
+    yield
+
+
+@contextlib.contextmanager
+def _filling(directory: Path) -> Iterator[None]:
+    """Fill a cache folder; if filling fails (bad input, a bug, a full disk) remove what was
+    written, unless another job is filling the same folder.
+
+    Every filler holds ``FILLING`` shared (``flock``, released by the kernel however the process
+    ends); the failed one deletes the folder only when it can take the lock exclusively. A
+    *killed* filler cannot clean up, and need not: its finished samples are what a rerun with the
+    same key resumes from. A failed one's would only be picked up by a rerun with the same inputs,
+    which fails again, so without this they would stay on disk for nothing.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / FILLING, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    except Exception:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pass  # another job is filling this folder: its samples are good, leave them
+        else:
+            shutil.rmtree(directory, ignore_errors=True)
+            get_logger("data").info(f"preprocess: removed the unfinished cache folder {directory}")
+        raise
+    finally:
+        os.close(fd)
 
 
 def _run_workers(reader: Reader, settings: PreprocessSettings, ids: list[str],
@@ -383,7 +449,7 @@ def _run_workers(reader: Reader, settings: PreprocessSettings, ids: list[str],
     tasks = (joblib.delayed(_work)(reader, i, directory / _file_name(i), settings) for i in ids)
     skipped: dict[str, str] = {}
     notes: dict[str, dict] = {}
-    with joblib.parallel_config(backend=settings.backend, n_jobs=settings.n_jobs):
+    with _dask_client(settings.backend), joblib.parallel_config(backend=settings.backend, n_jobs=settings.n_jobs):
         results = joblib.Parallel(return_as="generator_unordered")(tasks)
         for sample_id, error, sample_notes in tqdm(results, total=len(ids), desc="preprocess", unit="img",
                                                    disable=not settings.progress, file=sys.stderr):
@@ -404,9 +470,22 @@ def _report_skipped(skipped: dict[str, str]) -> None:
         log.warning(f"  - {message}")
 
 
-def _report_integrity(integrity: Mapping[str, Mapping[str, Any]]) -> None:
-    """One warning listing each kind of label a reader completed or repaired, with its count."""
-    lines = [f"  - {kind}: {describe_integrity(kind, entry)}" for kind, entry in integrity.items()]
-    get_logger("data").warning(
-        "preprocess: labels read with repairs or assumptions (preprocess.strict_labels: true refuses "
-        "them, an explicit overlap='first' excepted):\n" + "\n".join(lines))
+def split_integrity(integrity: Mapping[str, Any]) -> tuple[dict, dict]:
+    """(label notes, image decoding notes) of an integrity summary."""
+    labels = {k: v for k, v in integrity.items() if k not in DECODE_KINDS}
+    return labels, {k: v for k, v in integrity.items() if k in DECODE_KINDS}
+
+
+def _report_integrity(integrity: Mapping[str, Mapping[str, Any]], intensity: str) -> None:
+    """One warning listing each kind of label a reader completed or repaired, with its count, and
+    one for what the intensity policy did to the images."""
+    labels, images = split_integrity(integrity)
+    log = get_logger("data")
+    if images:
+        lines = [f"  - {kind}: {describe_integrity(kind, entry)}" for kind, entry in images.items()]
+        log.warning(f"preprocess: images decoded to uint8 under preprocess.intensity={intensity} "
+                    "(see the README's intensity policy):\n" + "\n".join(lines))
+    if labels:
+        lines = [f"  - {kind}: {describe_integrity(kind, entry)}" for kind, entry in labels.items()]
+        log.warning("preprocess: labels read with repairs or assumptions (preprocess.strict_labels: true refuses "
+                    "them, an explicit overlap='first' excepted):\n" + "\n".join(lines))

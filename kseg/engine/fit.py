@@ -40,9 +40,11 @@ from kseg.engine.callbacks import (
     LearningRateLogger,
 )
 from kseg.engine.distribute import (
+    initialize_processes,
     is_chief,
     set_determinism,
     set_mixed_precision,
+    share_chief_file,
     strategy_scope,
 )
 from kseg.engine.snapshots import EpochSnapshots
@@ -165,6 +167,7 @@ def train(cfg: Config, run_dir: Path | None = None,
           extra_callbacks: list[keras.callbacks.Callback] | tuple = ()) -> TrainResult:
     """Fit ``cfg``'s model; resumes the newest unfinished run of the same config unless ``run_dir``
     is given. ``extra_callbacks`` run after the built-in ones."""
+    initialize_processes()
     task = get_task(cfg)
     start = time.perf_counter()
     t = cfg.train
@@ -233,6 +236,7 @@ def _fit(cfg: Config, task: Task, run: Path, lock: runs.RunLock, start: float, p
     history = built.training.fit(built.batches, validation_data=validation, epochs=int(t.epochs),
                                  initial_epoch=restored.epoch, callbacks=callbacks, verbose=int(t.verbose))
 
+    share_chief_file(run / runs.BEST)  # every process scores the chief's best checkpoint
     best = load_model(run / runs.BEST) if (run / runs.BEST).is_file() else inference
     final = score_predictions(task, task.predict_many(best, images), truths)
     first, *others = final
@@ -243,7 +247,8 @@ def _fit(cfg: Config, task: Task, run: Path, lock: runs.RunLock, start: float, p
     seconds = time.perf_counter() - start
     summary = {"monitor": monitor, **scores, "baselines": baselines, "seconds": round(seconds, 1),
                "train_images": len(train_ids), "valid_images": len(valid_ids), "placement": placement,
-               "warnings": warnings, "labels_changed": task.label_report()}
+               "warnings": warnings, "labels_changed": task.label_report(),
+               "images_decoded": task.decoding_report()}
     atomic_write_text(run / runs.RESULTS, json.dumps(summary, indent=1, default=float))
     runs.write_status(run, cfg, "finished", finished=datetime.now().isoformat(timespec="seconds"), **summary)
     snapshots.discard(run)

@@ -16,21 +16,28 @@ snapshots of runs it wrote are still read (as the oldest candidate).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
+import resource
 import shutil
 import signal
+import tempfile
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import h5py  # Keras' own weights format; a dependency of keras
 import keras
 import numpy as np
 
 from kseg.core import runs
 from kseg.core.fileio import atomic_write_text
 from kseg.core.log import get_logger
+from kseg.engine.distribute import broadcast_from_chief, process_count
 
 PREFIX = "epoch-"
 KEEP = 2
@@ -38,7 +45,8 @@ WEIGHTS = "model.weights.h5"
 STATE = "state.json"
 # Test hook: "<point>@<epoch>" kills this process (SIGKILL) at a named point of that epoch's
 # snapshot: "before" (checkpoints written, snapshot not begun), "weights" (weights written, the
-# snapshot not committed), "committed" (renamed into place, older ones not yet pruned).
+# snapshot not committed), "committed" (renamed into place, older ones not yet pruned); "full"
+# fills the disk from the start of that epoch on (every file write fails, as on a full disk).
 FAULT_VARIABLE = "KSEG_FAULT_INJECTION"
 
 log = get_logger("engine")
@@ -95,27 +103,91 @@ def _cut_history(history: Path, epochs: int) -> None:
         atomic_write_text(history, "".join(kept))
 
 
-def restore(run: Path, model: keras.Model) -> Restored:
-    """Load the newest readable snapshot of ``run`` into the (compiled) training model and put the
-    run's CSV log and checkpoint state back to that epoch; epoch 0 when there is none."""
-    backup = run / runs.BACKUP
+def _drop_uncommitted(backup: Path) -> None:
     for stale in backup.glob(".*.tmp") if backup.is_dir() else ():
         shutil.rmtree(stale, ignore_errors=True)  # a snapshot that was never committed
-    _build_optimizer(model)
+
+
+def _put_back_logs(run: Path, snapshot: Path, epoch: int) -> None:
+    """The run's CSV log and checkpoint state as they were when ``snapshot`` was committed."""
+    if (snapshot / runs.HISTORY).is_file():
+        shutil.copyfile(snapshot / runs.HISTORY, run / runs.HISTORY)
+    _cut_history(run / runs.HISTORY, epoch)
+    if (snapshot / runs.CHECKPOINT_STATE).is_file():
+        shutil.copyfile(snapshot / runs.CHECKPOINT_STATE, run / runs.CHECKPOINT_STATE)
+
+
+def _readable(backup: Path, read: Callable[[Path], Any]) -> Iterator[tuple[Path, dict, Any]]:
+    """``(snapshot, its state, read(snapshot))`` of the committed snapshots, newest first; one that
+    cannot be read is reported and passed over (a fall back to an older one, never a crash loop)."""
     for snapshot in _snapshots(backup):
         try:
             state = json.loads((snapshot / STATE).read_text())
-            model.load_weights(str(snapshot / WEIGHTS))
+            value = read(snapshot)
         except Exception as exc:  # noqa: BLE001 - any unreadable snapshot: fall back to an older one
             log.warning(f"warning: snapshot {snapshot} is unreadable ({exc.__class__.__name__}: {exc}); "
                         "trying an older one")
             continue
+        yield snapshot, state, value
+
+
+def _weights_bytes(snapshot: Path) -> bytes:
+    """The snapshot's weights file, checked to open as HDF5 (a torn file does not)."""
+    weights = (snapshot / WEIGHTS).read_bytes()
+    with h5py.File(io.BytesIO(weights), "r"):
+        pass
+    return weights
+
+
+def _restore_in_every_process(run: Path, model: keras.Model) -> Restored:
+    """:func:`restore` for a multi-process JAX job. Only the chief holds the run folder (the others
+    write into a scratch one), but every process must load the same state with the same calls
+    (assigning a variable is a collective operation): the chief picks the snapshot, its files are
+    broadcast, and each process loads them from a temporary copy."""
+    import jax
+
+    _build_optimizer(model)
+    payload = b""
+    if jax.process_index() == 0:
+        backup = run / runs.BACKUP
+        _drop_uncommitted(backup)
+        for snapshot, state, weights in _readable(backup, _weights_bytes):
+            epoch = int(state["epoch"])
+            _put_back_logs(run, snapshot, epoch)
+            checkpoint_state = run / runs.CHECKPOINT_STATE
+            header = {"epoch": epoch, "source": str(snapshot), "random": state.get("random"),
+                      "checkpoint_state": checkpoint_state.read_text() if checkpoint_state.is_file() else None}
+            payload = json.dumps(header).encode() + b"\0" + weights
+            break
+        if not payload:
+            _cut_history(run / runs.HISTORY, 0)
+            (run / runs.CHECKPOINT_STATE).unlink(missing_ok=True)
+    payload = broadcast_from_chief(payload)
+    if not payload:
+        return Restored(0, "")
+    header, weights = payload.split(b"\0", 1)
+    state = json.loads(header)
+    if jax.process_index() != 0 and state["checkpoint_state"] is not None:
+        # The best score so far: every process must keep (and reload) the same best checkpoint.
+        atomic_write_text(run / runs.CHECKPOINT_STATE, state["checkpoint_state"])
+    with tempfile.TemporaryDirectory(prefix="kseg-restore-") as folder:
+        path = Path(folder) / WEIGHTS
+        path.write_bytes(weights)
+        model.load_weights(str(path))
+    return Restored(int(state["epoch"]), state["source"], state["random"])
+
+
+def restore(run: Path, model: keras.Model) -> Restored:
+    """Load the newest readable snapshot of ``run`` into the (compiled) training model and put the
+    run's CSV log and checkpoint state back to that epoch; epoch 0 when there is none."""
+    if process_count() > 1:
+        return _restore_in_every_process(run, model)
+    backup = run / runs.BACKUP
+    _drop_uncommitted(backup)
+    _build_optimizer(model)
+    for snapshot, state, _ in _readable(backup, lambda snapshot: model.load_weights(str(snapshot / WEIGHTS))):
         epoch = int(state["epoch"])
-        if (snapshot / runs.HISTORY).is_file():
-            shutil.copyfile(snapshot / runs.HISTORY, run / runs.HISTORY)
-        _cut_history(run / runs.HISTORY, epoch)
-        if (snapshot / runs.CHECKPOINT_STATE).is_file():
-            shutil.copyfile(snapshot / runs.CHECKPOINT_STATE, run / runs.CHECKPOINT_STATE)
+        _put_back_logs(run, snapshot, epoch)
         return Restored(epoch, str(snapshot), state.get("random"))
     legacy = _restore_keras_backup(backup, model)
     if legacy is not None:
@@ -159,6 +231,13 @@ class EpochSnapshots(keras.callbacks.Callback):
     def _fault(self, point: str, epoch: int) -> None:
         if self.fault == (point, epoch):
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.fault == ("full", epoch):
+            # The kernel refuses every write that would grow a file (EFBIG, an OSError as ENOSPC is):
+            # the epoch's CSV row, checkpoints and snapshot fail as they would on a full disk.
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 
     def on_epoch_end(self, epoch, logs=None):
         self._fault("before", epoch)

@@ -46,12 +46,13 @@ from kseg.core.boxes import xywh_to_xyxy
 from kseg.core.errors import ConfigError, DataError
 from kseg.io.csv_rle import find_column, read_csv_strings
 from kseg.io.sample import (
+    ImageDecoder,
     Sample,
     image_and_annotation,
+    is_listed,
     list_images,
     preview,
     read_cached,
-    read_image,
     resolve_image,
 )
 
@@ -253,8 +254,9 @@ class VocBoxReader:
 
     kind = "boxes"
 
-    def __init__(self, images_dir: str | Path, annotations_dir: str | Path, class_names=None):
+    def __init__(self, images_dir: str | Path, annotations_dir: str | Path, class_names=None, intensity: str = "auto"):
         self.images_dir = Path(images_dir)
+        self.images = ImageDecoder(intensity)
         self.annotations_dir = Path(annotations_dir)
         self._class_names = None if class_names is None else _with_background(class_names, "class_names")
 
@@ -271,7 +273,7 @@ class VocBoxReader:
             raise DataError("VOC annotations folder does not exist (expected e.g. Annotations)",
                             self.annotations_dir)
         with os.scandir(self.annotations_dir) as entries:
-            names = sorted(e.name for e in entries if not e.name.startswith(".") and e.name.lower().endswith(".xml"))
+            names = sorted(e.name for e in entries if is_listed(e.name) and e.name.lower().endswith(".xml"))
         return [name[:-4] for name in names]
 
     @property
@@ -305,7 +307,7 @@ class VocBoxReader:
         xml_path = self.xml_path(sample_id)
         filename, (width, height), objects = _parse_voc(xml_path)
         image_path = self._image_path(sample_id, filename)
-        image = read_image(image_path)
+        image = self.images.read(image_path)
         _check_size(image, width, height, f"{xml_path} <size>")
         if not objects:
             return BoxSample(sample_id, image, *_empty_boxes(), path=str(image_path))
@@ -432,8 +434,9 @@ class CocoBoxReader:
 
     kind = "boxes"
 
-    def __init__(self, images_dir: str | Path, annotation_json: str | Path):
+    def __init__(self, images_dir: str | Path, annotation_json: str | Path, intensity: str = "auto"):
         self.images_dir = Path(images_dir)
+        self.images = ImageDecoder(intensity)
         self.annotation_json = Path(annotation_json)
 
     @property
@@ -468,7 +471,7 @@ class CocoBoxReader:
     def load(self, sample_id: str) -> BoxSample:
         image_path = self.image_path(sample_id)
         entry = self.table().images[sample_id]
-        image = read_image(image_path)  # DataError naming the file when it is missing
+        image = self.images.read(image_path)  # DataError naming the file when it is missing
         _check_size(image, entry.width, entry.height, f"{self.annotation_json} image {entry.file_name!r}")
         boxes = check_boxes(entry.boxes, image.shape,
                             lambda k: f"{self.annotation_json} annotation id {entry.annotation_ids[k]}")
@@ -547,8 +550,9 @@ class BoxCsvReader:
     kind = "boxes"
 
     def __init__(self, images_dir: str | Path, csv_path: str | Path, image_suffix: str = ".jpg",
-                 class_name: str = "object"):
+                 class_name: str = "object", intensity: str = "auto"):
         self.images_dir = Path(images_dir)
+        self.images = ImageDecoder(intensity)
         self.csv_path = Path(csv_path)
         self.image_suffix = str(image_suffix)
         self.class_names = _with_background([class_name], "class_name")
@@ -594,7 +598,7 @@ class BoxCsvReader:
 
     def load(self, sample_id: str) -> BoxSample:
         image_path = self.image_path(sample_id)
-        image = read_image(image_path)
+        image = self.images.read(image_path)
         rows = self.table().rows.get(sample_id)
         if rows is None:
             return BoxSample(sample_id, image, *_empty_boxes(), path=str(image_path))

@@ -25,6 +25,7 @@ import pandas as pd
 
 from kseg.codecs import rle
 from kseg.core.errors import ConfigError, DataError
+from kseg.io.intensity import check_policy
 from kseg.io.sample import (
     Sample,
     image_and_annotation,
@@ -192,6 +193,7 @@ class CsvRleReader:
         id_column: str | None = None,
         rle_column: str | None = None,
         class_column: str | None = None,
+        intensity: str = "auto",
     ):
         if order not in ("F", "C"):
             raise ConfigError(f"order={order!r} must be 'F' (column-major: DSB, TGS, Airbus, Severstal) "
@@ -206,6 +208,7 @@ class CsvRleReader:
             raise ConfigError(f"num_classes={num_classes} must be in 1..255 (foreground classes)")
         self.images_dir = Path(images_dir)
         self.csv_path = Path(csv_path)
+        self.intensity = check_policy(intensity)
         self.order = order
         self.kind = kind
         self.unlisted = unlisted
@@ -274,10 +277,10 @@ class CsvRleReader:
     def load(self, sample_id: str) -> Sample:
         table = self.table()
         image_path = self.image_path(sample_id)
-        image = read_image(image_path)
+        integrity: dict[str, dict] = {}
+        image = read_image(image_path, self.intensity, integrity)
         shape = image.shape[:2]
         rows = table.rows.get(sample_id, ())
-        integrity: dict[str, dict] = {}
         if sample_id not in table.first_line:
             note(integrity, "images_without_rows_empty", sample_id)
         for line in table.blank_lines.get(sample_id, ()):

@@ -23,10 +23,12 @@ from pathlib import Path
 import numpy as np
 
 from kseg.core.errors import ConfigError, DataError
+from kseg.io.intensity import check_policy
 from kseg.io.sample import (
     Sample,
     check_same_size,
     is_image_file,
+    is_listed,
     note,
     preview,
     read_image,
@@ -45,11 +47,12 @@ class DsbReader:
 
     kind = "instance"
 
-    def __init__(self, root_dir: str | Path, overlap: str = "error"):
+    def __init__(self, root_dir: str | Path, overlap: str = "error", intensity: str = "auto"):
         if overlap not in OVERLAP:
             raise ConfigError(f"overlap={overlap!r} must be one of {OVERLAP}")
         self.root = Path(root_dir)
         self.overlap = overlap
+        self.intensity = check_policy(intensity)
 
     def __repr__(self) -> str:
         return f"DsbReader({str(self.root)!r})"
@@ -59,7 +62,7 @@ class DsbReader:
         if not self.root.is_dir():
             raise DataError("dataset folder does not exist (expected e.g. stage1_train)", self.root)
         with os.scandir(self.root) as entries:
-            ids = sorted(e.name for e in entries if not e.name.startswith(".") and e.is_dir())
+            ids = sorted(e.name for e in entries if is_listed(e.name) and e.is_dir())
         if ids and not any((self.root / i / "images").is_dir() for i in ids):
             raise DataError(
                 f"no <id>/images folders under this folder (found folders {preview(ids, 3)}); "
@@ -102,9 +105,9 @@ class DsbReader:
 
     def load(self, sample_id: str) -> Sample:
         image_path = self.image_path(sample_id)
-        image = read_image(image_path)
-        mask_paths = self.mask_paths(sample_id)
         integrity: dict[str, dict] = {}
+        image = read_image(image_path, self.intensity, integrity)
+        mask_paths = self.mask_paths(sample_id)
         labels = None
         if mask_paths is not None:
             if not mask_paths:

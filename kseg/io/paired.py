@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 
 from kseg.core.errors import ConfigError, DataError
+from kseg.io.intensity import check_policy
 from kseg.io.sample import (
     Sample,
     check_same_size,
@@ -46,8 +47,10 @@ class PairedReader:
         binary_threshold: int = 127,
         classes: int | Sequence[int] | None = None,
         instances: bool = False,
+        intensity: str = "auto",
     ):
         self.images_dir = Path(images_dir)
+        self.intensity = check_policy(intensity)
         self.masks_dir = None if masks_dir is None else Path(masks_dir)
         self.mask_suffix = mask_suffix or ""
         self.binary_threshold = int(binary_threshold)
@@ -154,17 +157,19 @@ class PairedReader:
 
     def load(self, sample_id: str) -> Sample:
         image_path = self.image_path(sample_id)
-        image = read_image(image_path)
+        integrity: dict[str, dict] = {}
+        image = read_image(image_path, self.intensity, integrity)
         mask_path = self.mask_path(sample_id)
         if mask_path is None:
-            return Sample(sample_id, image, path=str(image_path))
+            return Sample(sample_id, image, path=str(image_path), integrity=integrity)
         raw = read_mask(mask_path)
         check_same_size(image, raw, mask_path)
         mask = self.to_classes(raw, mask_path)
         if self.instances:
             _, labels = cv2.connectedComponents(mask, connectivity=8, ltype=cv2.CV_32S)
-            return Sample(sample_id, image, labels=labels.astype(np.int32, copy=False), path=str(image_path))
-        return Sample(sample_id, image, mask=mask, path=str(image_path))
+            return Sample(sample_id, image, labels=labels.astype(np.int32, copy=False), path=str(image_path),
+                          integrity=integrity)
+        return Sample(sample_id, image, mask=mask, path=str(image_path), integrity=integrity)
 
     def to_classes(self, raw: np.ndarray, path: Path) -> np.ndarray:
         """The uint8 class-index mask of a raw mask file (see the module docstring)."""

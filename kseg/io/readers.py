@@ -57,11 +57,14 @@ for _layout, (_reader_class, _masks_role) in BOX_LAYOUTS.items():
     register_reader(_layout, _reader_class, _masks_role)
 
 
-def open_dataset(layout: str, root: str | Path, masks: str | Path | None = None, **options) -> Dataset:
+def open_dataset(layout: str, root: str | Path, masks: str | Path | None = None, intensity: str = "auto",
+                 **options) -> Dataset:
     """The reader for ``layout`` over ``root`` (training folder or images folder).
 
-    ``masks`` is the masks folder (``paired``) or the RLE CSV (``csv_rle``); ``options`` are the
-    reader's keyword arguments, checked here so a typo in a YAML names the accepted ones.
+    ``masks`` is the masks folder (``paired``) or the RLE CSV (``csv_rle``); ``intensity`` the
+    policy images are decoded with (``preprocess.intensity``, see :mod:`kseg.io.intensity`);
+    ``options`` are the reader's keyword arguments, checked here so a typo in a YAML names the
+    accepted ones.
     """
     if layout not in READERS:
         raise ConfigError(f"unknown dataset layout {layout!r}; known layouts: {', '.join(sorted(READERS))}")
@@ -73,9 +76,16 @@ def open_dataset(layout: str, root: str | Path, masks: str | Path | None = None,
         raise ConfigError(f"layout {layout!r} needs dataset.masks: {role}")
     paths = [Path(root)] if role is None else [Path(root), Path(masks)]
     parameters = list(inspect.signature(reader_class).parameters.values())
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
-        accepted = {p.name for p in parameters[len(paths):]}
+    names = {p.name for p in parameters}
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+    if not takes_any:
+        accepted = {p.name for p in parameters[len(paths):]} - {"intensity"}
         unknown = sorted(set(options) - accepted)
         if unknown:
             raise ConfigError(f"layout {layout!r} has no option(s) {unknown}; accepted: {sorted(accepted)}")
+    if "intensity" in names or takes_any:
+        options["intensity"] = intensity
+    elif intensity != "auto":
+        raise ConfigError(f"layout {layout!r} decodes its images itself: preprocess.intensity={intensity} cannot "
+                          "apply to it; leave it at auto")
     return reader_class(*paths, **options)

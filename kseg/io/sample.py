@@ -15,8 +15,12 @@ import numpy as np
 import skimage.io
 
 from kseg.core.errors import DataError
+from kseg.core.log import get_logger
+from kseg.io.intensity import check_policy, to_uint8
+from kseg.io.intensity import describe as describe_decoding
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".gif", ".bmp")
+MACOS_FOLDER = "__MACOSX"
 
 
 @dataclasses.dataclass
@@ -103,20 +107,38 @@ def check_image(path: str | Path) -> str | None:
             return str(exc).removeprefix(f"{path}: ")
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Read an image as uint8 H x W x C in RGB order (C = 1 for grayscale, alpha dropped)."""
+def read_image(path: str | Path, intensity: str = "auto", integrity: dict[str, dict] | None = None) -> np.ndarray:
+    """Read an image as uint8 H x W x C in RGB order (C = 1 for grayscale, alpha dropped).
+
+    ``intensity`` is the policy that maps other depths to uint8 (:mod:`kseg.io.intensity`); what it
+    did is noted in ``integrity`` (a ``Sample.integrity`` mapping) when one is given.
+    """
     array = _read_any(Path(path), cv2.IMREAD_UNCHANGED)
-    if array.dtype == np.uint16:
-        array = (array >> 8).astype(np.uint8)
-    elif array.dtype != np.uint8:
-        array = np.clip(array, 0, 255).astype(np.uint8)
+    record = None if integrity is None else functools.partial(note, integrity)
+    array = to_uint8(array, intensity, path, record)
     if array.ndim == 2:
         return array[..., None]
-    if array.shape[2] == 4:
-        array = array[..., :3]
-    if array.shape[2] == 3:
-        array = array[..., ::-1]  # OpenCV reads BGR
-    return np.ascontiguousarray(array)
+    return np.ascontiguousarray(array[..., ::-1])  # OpenCV reads BGR
+
+
+class ImageDecoder:
+    """Reads images under one intensity policy and warns the first time each kind of decoding
+    happens (once per dataset, not once per image); ``integrity`` counts them all."""
+
+    def __init__(self, intensity: str = "auto"):
+        self.intensity = check_policy(intensity)
+        self.integrity: dict[str, dict] = {}
+
+    def __repr__(self) -> str:  # readers' attributes go into preprocessing cache keys
+        return f"ImageDecoder({self.intensity!r})"
+
+    def read(self, path: str | Path) -> np.ndarray:
+        known = set(self.integrity)
+        image = read_image(path, self.intensity, self.integrity)
+        for kind in self.integrity.keys() - known:
+            first = self.integrity[kind]["examples"][0]
+            get_logger("data").warning(f"warning: {describe_decoding(kind)}, e.g. {first} (said once per dataset)")
+        return image
 
 
 def _read_palette(path: Path) -> np.ndarray | None:
@@ -183,9 +205,15 @@ def check_same_size(image: np.ndarray, mask: np.ndarray, path: str | Path) -> No
         )
 
 
+def is_listed(name: str) -> bool:
+    """A folder entry that belongs to the data: not hidden, not the ``__MACOSX`` folder of resource
+    forks that a zip made on macOS carries (``__MACOSX/<id>/images/._<id>.png``)."""
+    return not name.startswith(".") and name != MACOS_FOLDER
+
+
 def is_image_file(name: str) -> bool:
     """An image we can read, not a hidden file (macOS ``._x.png`` forks are not images)."""
-    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+    return is_listed(name) and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,7 +325,7 @@ def list_dsb_ids(folder: str | Path) -> list[str]:
     """Sorted ids of the ``<id>/images/<id>.png`` sample folders directly under ``folder``."""
     folder = Path(folder)
     with os.scandir(folder) as entries:
-        names = sorted(e.name for e in entries if not e.name.startswith(".") and e.is_dir())
+        names = sorted(e.name for e in entries if is_listed(e.name) and e.is_dir())
     return [n for n in names if (folder / n / "images" / f"{n}.png").is_file()]
 
 

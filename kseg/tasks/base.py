@@ -37,6 +37,7 @@ from kseg.core import runs
 from kseg.core.config import Config
 from kseg.core.errors import ConfigError, DataError
 from kseg.core.runs import run_config
+from kseg.data.preprocess import split_integrity
 from kseg.metrics.evaluators import Evaluator
 from kseg.nn import registry
 
@@ -109,8 +110,19 @@ class Task:
     def label_report(self) -> dict:
         """What preprocessing changed in the labels and counted (:attr:`PreprocessedDataset.integrity`),
         for the run's ``results.json``; empty when nothing was changed or the family reads no masks."""
+        return split_integrity(self._integrity())[0]
+
+    def decoding_report(self) -> dict:
+        """What the intensity policy did to the training images (``preprocess.intensity``), counted
+        per kind, for the run's ``results.json``; empty when every image was 8-bit as read."""
+        return split_integrity(self._integrity())[1]
+
+    def _integrity(self) -> dict:
         data = getattr(self, "data", None)
-        return dict(getattr(data, "integrity", None) or {})
+        if data is not None:
+            return dict(getattr(data, "integrity", None) or {})
+        decoder = getattr(getattr(self, "source", None), "images", None)  # a box reader's ImageDecoder
+        return dict(getattr(decoder, "integrity", None) or {})
 
     def baselines(self, images: list, truths: list) -> dict[str, list]:
         """``{name: predictions of the validation images}`` of the classical baselines."""

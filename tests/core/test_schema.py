@@ -141,6 +141,7 @@ def test_choice_lists_equal_the_code_constants():
     from kseg.core.formats import FORMATS
     from kseg.data import augment, preprocess
     from kseg.engine.distribute import STRATEGIES
+    from kseg.io import intensity
     from kseg.metrics.scores import METRICS
     from kseg.tasks.base import CHECKPOINTS
     from kseg.tasks.semantic import postprocess, predictor, targets
@@ -154,6 +155,7 @@ def test_choice_lists_equal_the_code_constants():
     assert schema.TTA_TRANSFORMS == predictor.TRANSFORMS
     assert schema.PREPROCESS_MODES == preprocess.MODES
     assert schema.WEIGHT_MAPS == preprocess.WEIGHT_MAPS
+    assert schema.INTENSITY_POLICIES == intensity.POLICIES
     assert schema.AUGMENT_PRESETS == tuple(augment.PRESETS)
     assert schema.TARGET_CHANNELS == targets.CHANNEL_NAMES and schema.TARGET_CLASSES == targets.CLASSES
     assert schema.DETECTION_LOSSES == tuple(MultiboxLossLayer.LOSSES)

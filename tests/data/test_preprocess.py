@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from fixtures_datasets import write_paired_dataset
 
 from kseg.core.errors import ConfigError, DataError
 from kseg.data.preprocess import (
+    FILLING,
     PreprocessSettings,
     pad_amounts,
     preprocess,
     process_sample,
 )
 from kseg.data.weights import unet_weight_map
+from kseg.io.paired import PairedReader
 from kseg.io.sample import Sample
 
 
@@ -43,7 +50,7 @@ class FakeReader:
         return [self.folder / f"{sample_id}.marker"]
 
     def load(self, sample_id):
-        if sample_id in self.bad:
+        if sample_id in self.bad or sample_id in getattr(self, "_broken", ()):  # _broken: not in the cache key
             raise DataError("cannot decode image (corrupt or unsupported file)", self.folder / f"{sample_id}.png")
         i = int(sample_id[3:])
         labels = disks((40 + i, 48), [(12, 12), (12, 23), (30, 30 + i)], 5)
@@ -115,6 +122,30 @@ def test_bad_input_raises_with_file_name(tmp_path, reader):
         preprocess(reader, settings(tmp_path))
 
 
+@pytest.mark.parametrize("n_jobs", [1, 2])
+def test_a_failed_preprocessing_leaves_no_cache_folder_behind(tmp_path, reader, n_jobs):
+    reader.bad = ("img4",)
+    with pytest.raises(DataError, match=r"img4\.png"):
+        preprocess(reader, settings(tmp_path, n_jobs=n_jobs))
+    assert list((tmp_path / "cache").iterdir()) == []  # nothing half-filled, no manifest-less folder
+    reader.bad = ()
+    assert preprocess(reader, settings(tmp_path)).ids == reader.ids()
+
+
+def test_a_failed_preprocessing_keeps_a_folder_another_job_is_filling(tmp_path, reader):
+    good = preprocess(reader, settings(tmp_path))
+    (good.directory / "manifest.json").unlink()  # as while the other job is still at work
+    good.path("img4").unlink()
+    with open(good.directory / FILLING, "a") as other_job:
+        fcntl.flock(other_job, fcntl.LOCK_SH)
+        reader._broken = ("img4",)  # this job fails on img4, the same cache folder
+        with pytest.raises(DataError, match=r"img4\.png"):
+            preprocess(reader, settings(tmp_path))
+    assert list((tmp_path / "cache").iterdir()) == [good.directory]
+    kept = sorted(good.path(i).name for i in reader.ids() if i != "img4")
+    assert sorted(p.name for p in good.directory.glob("*.npz")) == kept  # the other job's samples
+
+
 def test_bad_input_skipped_and_reported(tmp_path, reader, capsys):
     reader.bad = ("img3", "img5")
     result = preprocess(reader, settings(tmp_path, on_error="skip", n_jobs=2))
@@ -134,3 +165,32 @@ def test_settings_validation():
         PreprocessSettings(mode="resize")
     with pytest.raises(ConfigError, match="unknown preprocess settings"):
         PreprocessSettings.from_config({"sigmaa": 3})
+
+
+FILL_SCRIPT = """
+import sys
+from kseg.data.preprocess import PreprocessSettings, preprocess
+from kseg.io.paired import PairedReader
+images, masks, cache = sys.argv[1:]
+data = preprocess(PairedReader(images, masks), PreprocessSettings(cache_dir=cache, n_jobs=1, progress=False))
+print(data.directory)
+"""
+
+
+def test_two_jobs_filling_one_cache_both_finish_with_the_same_samples(tmp_path):
+    write_paired_dataset(tmp_path / "images", tmp_path / "masks", n=48, shape=(160, 160))
+    args = [str(tmp_path / "images"), str(tmp_path / "masks"), str(tmp_path / "cache")]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    jobs = [subprocess.Popen([sys.executable, "-c", FILL_SCRIPT, *args], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [job.communicate(timeout=300) for job in jobs]
+    assert [job.returncode for job in jobs] == [0, 0], [err[-2000:] for _, err in results]
+    (directory,) = {out.strip() for out, _ in results}
+    alone = preprocess(PairedReader(tmp_path / "images", tmp_path / "masks"),
+                       PreprocessSettings(cache_dir=str(tmp_path / "alone"), n_jobs=1, progress=False))
+    assert Path(directory).name == alone.directory.name  # the same key
+    for sample_id in alone.ids:
+        with np.load(Path(directory) / alone.path(sample_id).name) as got:
+            for key, expected in alone.load(sample_id).items():
+                np.testing.assert_array_equal(got[key], expected, err_msg=f"{sample_id} {key}")
+    assert not list(Path(directory).glob("*.tmp*"))  # no temporary file left

@@ -127,3 +127,16 @@ def test_a_torn_snapshot_is_passed_over_with_a_message(demo_root, tmp_path, refe
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"snapshot {newest} is unreadable" in resumed.stderr
     assert_same_as_reference(tmp_path, reference)
+
+
+def test_a_full_disk_keeps_the_last_good_state(demo_root, tmp_path, reference):
+    cfg = config(demo_root, tmp_path)
+    failed = finish(cfg, tmp_path, "full@2")  # every write fails from epoch 2 on
+    assert failed.returncode not in (0, -signal.SIGKILL), failed.stderr[-2000:]
+    (run,) = (tmp_path / "runs").iterdir()
+    kept = sorted(p.name for p in (run / runs.BACKUP).iterdir())
+    assert kept == [f"{PREFIX}00001", f"{PREFIX}00002"], kept  # epochs 0 and 1, nothing half-written
+    resumed = finish(cfg, tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resum" in resumed.stderr.lower()
+    assert_same_as_reference(tmp_path, reference)

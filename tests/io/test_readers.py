@@ -477,3 +477,27 @@ def test_real_tgs_rows_read_as_their_csv_says(shared_data):
         np.testing.assert_array_equal(np.asarray(sample.target) > 0, truth > 0, err_msg=sample_id)
         empty += int(not truth.any())
     assert empty == 41  # as the data's README says
+
+
+def test_macos_zip_leftovers_are_not_samples(tmp_path):
+    """A zip made on macOS unpacks with ``__MACOSX/`` (resource forks ``._x.png`` mirroring the
+    tree) and ``._x.png`` files beside the images: none of them is a sample or a test image."""
+    truth = write_dsb_dataset(tmp_path / "train", n_samples=2)
+    fork = b"\x00\x05\x16\x07" + bytes(60)  # AppleDouble header, not an image
+    for sample_id in truth:
+        for folder in (tmp_path / "train" / "__MACOSX" / sample_id / "images", tmp_path / "train" / sample_id / "images"):
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"._{sample_id}.png").write_bytes(fork)
+    reader = DsbReader(tmp_path / "train")
+    assert reader.ids() == sorted(truth)
+    np.testing.assert_array_equal(reader.load(sorted(truth)[0]).image, truth[sorted(truth)[0]][0])
+    assert [i for i, _ in discover_test_ids(tmp_path / "train", layout="dsb")] == sorted(truth)
+
+    flat = tmp_path / "flat"
+    write_paired_dataset(flat / "images", flat / "masks", n=2)
+    (flat / "images" / "__MACOSX").mkdir()
+    (flat / "images" / "__MACOSX" / "._0.png").write_bytes(fork)
+    (flat / "images" / "._0.png").write_bytes(fork)
+    listed = discover_test_ids(flat / "images")
+    assert len(listed) == 2 and all(not p.name.startswith(".") for _, p in listed)
+    assert len(PairedReader(flat / "images", flat / "masks").ids()) == 2

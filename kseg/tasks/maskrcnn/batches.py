@@ -97,8 +97,7 @@ class MaskRCNNBatches(SeededEpochs, keras.utils.PyDataset):
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         if index >= len(self):
             raise IndexError(f"batch {index} of {len(self)}")
-        start = index * self.batch_size
-        samples = [self.sample(p) for p in range(start, min(start + self.batch_size, len(self._order)))]
+        samples = [self.sample(position) for position in self.positions(index)]
         return {key: np.stack([s[key] for s in samples]) for key in samples[0]}
 
     def sample(self, position: int) -> dict[str, np.ndarray]:

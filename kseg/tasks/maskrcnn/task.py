@@ -22,7 +22,7 @@ from kseg.data.masks import otsu_baseline
 from kseg.data.pipeline import preprocess_train
 from kseg.data.preprocess import to_channels
 from kseg.data.split import fold_strata
-from kseg.io.sample import read_image
+from kseg.io.sample import ImageDecoder
 from kseg.metrics.evaluators import MeanScore
 from kseg.metrics.masks import iou_map
 from kseg.nn.callbacks import TensorBoardPictures
@@ -145,12 +145,13 @@ class InstanceSubmission:
 
     def __init__(self, cfg: Config, member: LoadedModel):
         self.channels = int(cfg.preprocess.channels)
+        self.images = ImageDecoder(cfg.preprocess.intensity)  # as the run's training images were
         self.model = member.model
         self.postprocess = {"mask_threshold": float(cfg.detection.mask_threshold),
                             "min_size": int(cfg.postprocess.min_size)}
 
     def read(self, path: Path) -> np.ndarray:
-        return to_channels(read_image(path), self.channels)
+        return to_channels(self.images.read(path), self.channels)
 
     def predict(self, image: np.ndarray) -> np.ndarray:
         return predict_instances(self.model, [image], self.postprocess["mask_threshold"],

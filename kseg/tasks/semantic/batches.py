@@ -70,9 +70,7 @@ class SegmentationBatches(SeededEpochs, keras.utils.PyDataset):
     def __getitem__(self, index: int):
         if index >= len(self):
             raise IndexError(f"batch {index} of {len(self)}")
-        start = index * self.batch_size
-        positions = range(start, min(start + self.batch_size, len(self._order)))
-        samples = [self.sample(position) for position in positions]
+        samples = [self.sample(position) for position in self.positions(index)]
         batch = self._collate(samples)
         return self.as_graph_inputs(batch) if self.output == "graph" else batch
 

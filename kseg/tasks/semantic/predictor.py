@@ -14,14 +14,11 @@ are separable, so their sum is the outer product of two 1-D arrays rather than a
 from __future__ import annotations
 
 import math
-import sys
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
 import cv2
 import keras
 import numpy as np
-from tqdm.auto import tqdm
 
 from kseg.core.config import Config
 from kseg.core.errors import ConfigError
@@ -31,7 +28,6 @@ from kseg.data.preprocess import (
     resize_sample,
     to_channels,
 )
-from kseg.io.sample import read_image
 from kseg.nn.predict import call_model, round_up
 from kseg.tasks.base import LoadedModel
 
@@ -275,11 +271,3 @@ class Predictor:
         if len(self.members) > 1:
             total *= np.float32(1 / len(self.members))
         return total
-
-    def predict_items(self, items: Sequence[tuple[str, Path]], progress: bool = True,
-                      ) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
-        """``(id, image, probabilities)`` for each ``(id, image path)``, with a tqdm bar."""
-
-        for image_id, path in tqdm(items, desc="predict", unit="img", disable=not progress, file=sys.stderr):
-            image = read_image(path)
-            yield image_id, image, self.predict(image)

@@ -23,7 +23,7 @@ from kseg.core.formats import get_format
 from kseg.data.masks import otsu_baseline
 from kseg.data.pipeline import preprocess_train
 from kseg.data.split import fold_strata
-from kseg.io.sample import read_image
+from kseg.io.sample import ImageDecoder
 from kseg.metrics.evaluators import MeanScore
 from kseg.metrics.scores import METRICS, class_iou, score_image
 from kseg.nn.predict import predict_image
@@ -173,9 +173,10 @@ class SemanticSubmission:
         self.predictor = Predictor(members)
         self.num_classes: int | None = None
         self.probabilities: np.ndarray | None = None  # of the last predicted image (kseg predict)
+        self.images = ImageDecoder(cfg.preprocess.intensity)  # as the run's training images were
 
     def read(self, path: Path) -> np.ndarray:
-        return read_image(path)
+        return self.images.read(path)
 
     def predict(self, image: np.ndarray) -> np.ndarray:
         probabilities = self.probabilities = self.predictor.predict(image)

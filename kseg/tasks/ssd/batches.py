@@ -149,8 +149,7 @@ class DetectionBatches(SeededEpochs, keras.utils.PyDataset):
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         if index >= len(self):
             raise IndexError(f"batch {index} of {len(self)}")
-        start = index * self.batch_size
-        samples = [self.sample(p) for p in range(start, min(start + self.batch_size, len(self._order)))]
+        samples = [self.sample(position) for position in self.positions(index)]
         pairs = [numpy_targets(s["boxes"], s["labels"], self.default_boxes, self.iou_threshold, self.variances)
                  for s in samples]
         return {

@@ -26,7 +26,7 @@ from kseg.data.pipeline import preprocess_train, train_reader
 from kseg.data.preprocess import to_channels
 from kseg.data.split import fold_strata
 from kseg.io.boxes import boxes_from_labels
-from kseg.io.sample import read_image
+from kseg.io.sample import ImageDecoder
 from kseg.metrics.detection import truth_entry
 from kseg.metrics.evaluators import DetectionScore
 from kseg.nn.callbacks import TensorBoardPictures
@@ -177,10 +177,11 @@ class BoxSubmission:
 
     def __init__(self, cfg: Config, member: LoadedModel):
         self.channels = int(cfg.preprocess.channels)
+        self.images = ImageDecoder(cfg.preprocess.intensity)  # as the run's training images were
         self.model = member.model
 
     def read(self, path: Path) -> np.ndarray:
-        return to_channels(read_image(path), self.channels)
+        return to_channels(self.images.read(path), self.channels)
 
     def predict(self, image: np.ndarray) -> dict:
         return predict_detections(self.model, [image])[0]
