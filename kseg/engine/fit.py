@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import shutil
 import tempfile
 import time
 from datetime import datetime
@@ -180,6 +181,8 @@ def train(cfg: Config, run_dir: Path | None = None,
         return _fit(cfg, task, run, lock, start, policy, train_ids, valid_ids, extra_callbacks)
     finally:
         lock.release()
+        if not is_chief():
+            shutil.rmtree(run, ignore_errors=True)  # a worker's scratch folder: the chief's run is the record
 
 
 def _fit(cfg: Config, task: Task, run: Path, lock: runs.RunLock, start: float, policy: str, train_ids, valid_ids,
