@@ -372,6 +372,11 @@ def _number(value: Any) -> str:
     return show(value) if not isinstance(value, float) or not value.is_integer() else f"{value:g}"
 
 
+# pydantic's range errors: (how the message words the bound, the bound's key in the error context).
+BOUNDS = {"greater_than_equal": ("at least", "ge"), "greater_than": ("greater than", "gt"),
+          "less_than_equal": ("at most", "le"), "less_than": ("less than", "lt")}
+
+
 def _message(error: Mapping[str, Any], source: str) -> str:
     kind, value, ctx, loc = error["type"], error.get("input"), error.get("ctx") or {}, error["loc"]
     if kind == "kseg":
@@ -391,14 +396,9 @@ def _message(error: Mapping[str, Any], source: str) -> str:
         return f"must not be empty (got {show(value)})"
     if kind in ("dict_type", "model_type", "model_attributes_type"):
         return f"{show(value)} is not a mapping"
-    if kind == "greater_than_equal":
-        return f"must be at least {_number(ctx['ge'])} (got {show(value)})"
-    if kind == "greater_than":
-        return f"must be greater than {_number(ctx['gt'])} (got {show(value)})"
-    if kind == "less_than_equal":
-        return f"must be at most {_number(ctx['le'])} (got {show(value)})"
-    if kind == "less_than":
-        return f"must be less than {_number(ctx['lt'])} (got {show(value)})"
+    if kind in BOUNDS:
+        words, bound = BOUNDS[kind]
+        return f"must be {words} {_number(ctx[bound])} (got {show(value)})"
     if kind == "missing":
         return f"missing (no value in {source} or the files it inherits)"
     if kind == "extra_forbidden":

@@ -272,15 +272,13 @@ def _work(reader: Reader, sample_id: str, out_path: Path,
     try:
         if cached is not None:
             notes, where = cached
-        elif out_path.exists():  # written before notes were kept: read the sample again for them
+        else:  # not processed yet, or written before notes were kept: read the sample (again) for them
             sample = reader.load(sample_id)
             notes, where = _sample_notes(sample), sample.path
-        else:
-            sample = reader.load(sample_id)
-            notes, where = _sample_notes(sample), sample.path
-            arrays = process_sample(sample, settings)
-            arrays[NOTES_KEY] = np.array(json.dumps({"path": where, "notes": notes}))
-            atomic_save_npz(out_path, **arrays)
+            if not out_path.exists():
+                arrays = process_sample(sample, settings)
+                arrays[NOTES_KEY] = np.array(json.dumps({"path": where, "notes": notes}))
+                atomic_save_npz(out_path, **arrays)
     except DataError as exc:
         return sample_id, str(exc), {}
     error = _strict_error(notes, where or sample_id) if settings.strict_labels else None

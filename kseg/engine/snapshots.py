@@ -117,6 +117,12 @@ def _put_back_logs(run: Path, snapshot: Path, epoch: int) -> None:
         shutil.copyfile(snapshot / runs.CHECKPOINT_STATE, run / runs.CHECKPOINT_STATE)
 
 
+def _start_over(run: Path) -> None:
+    """No snapshot to resume from: the run's CSV log and checkpoint state go, as before epoch 0."""
+    _cut_history(run / runs.HISTORY, 0)
+    (run / runs.CHECKPOINT_STATE).unlink(missing_ok=True)
+
+
 def _readable(backup: Path, read: Callable[[Path], Any]) -> Iterator[tuple[Path, dict, Any]]:
     """``(snapshot, its state, read(snapshot))`` of the committed snapshots, newest first; one that
     cannot be read is reported and passed over (a fall back to an older one, never a crash loop)."""
@@ -160,8 +166,7 @@ def _restore_in_every_process(run: Path, model: keras.Model) -> Restored:
             payload = json.dumps(header).encode() + b"\0" + weights
             break
         if not payload:
-            _cut_history(run / runs.HISTORY, 0)
-            (run / runs.CHECKPOINT_STATE).unlink(missing_ok=True)
+            _start_over(run)
     payload = broadcast_from_chief(payload)
     if not payload:
         return Restored(0, "")
@@ -193,8 +198,7 @@ def restore(run: Path, model: keras.Model) -> Restored:
     if legacy is not None:
         _cut_history(run / runs.HISTORY, legacy.epoch)
         return legacy
-    _cut_history(run / runs.HISTORY, 0)
-    (run / runs.CHECKPOINT_STATE).unlink(missing_ok=True)
+    _start_over(run)
     return Restored(0, "")
 
 

@@ -120,9 +120,9 @@ def to_uint8(array: np.ndarray, policy: str, path: str | Path, note: Note | None
                 note("images_alpha_only", name)
         else:
             array = array[..., :3]
-    source_constant = array.min() == array.max()
     decoded, kind, detail = RULES[policy](array)
-    if not source_constant and decoded.min() == decoded.max():
+    # An image kept as it is stays as (non-)constant as it was: only a converted one is checked.
+    if decoded is not array and decoded.min() == decoded.max() and array.min() != array.max():
         raise DataError(f"decodes to a constant image under preprocess.intensity={policy} ({array.dtype} values "
                         f"{array.min():g}..{array.max():g}); set preprocess.intensity to auto or percentile", path)
     if kind and note:
