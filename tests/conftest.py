@@ -19,6 +19,21 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "jax: runs Keras on the JAX backend in a subprocess")
 
 
+@pytest.fixture(params=["library", "portable"])
+def kernels(request):
+    """Run a test with TensorFlow's detector kernels ("library") and with the keras.ops twins
+    ("portable"): both must match the test's reference (kseg.nn.kernels chooses between them)."""
+    from kseg.nn.kernels import library_kernels, portable_kernels
+
+    if request.param == "portable":
+        with portable_kernels():
+            assert not library_kernels()
+            yield request.param
+    else:
+        assert library_kernels()
+        yield request.param
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The real public data folder (../shared/data); skips the test when it is absent."""

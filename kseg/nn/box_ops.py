@@ -13,7 +13,10 @@ Conventions:
 
 Everything except ``default_boxes`` (a NumPy constant computed once from shapes) uses
 ``keras.ops`` only and keeps shapes fixed (no data-dependent boolean indexing), so it runs on the
-TensorFlow and JAX backends, eagerly, in a ``tf.function`` graph or under ``jax.jit``.
+TensorFlow and JAX backends, eagerly, in a ``tf.function`` graph or under ``jax.jit``. The one
+exception is the NMS kernel: on the TensorFlow backend it is TensorFlow's NMS op
+(``kseg.nn.tf_kernels``; ``kseg.nn.kernels`` chooses), with the same results and fixed-shape
+outputs.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import numpy as np
 from keras import ops
 
 from kseg.core.boxes import iou_matrix
+from kseg.nn import tf_kernels
+from kseg.nn.kernels import library_kernels
 
 VARIANCES = (0.1, 0.1, 0.2, 0.2)
 """SSD encoding variances for (cy, cx, h, w): they scale the offsets to roughly unit spread."""
@@ -287,27 +292,15 @@ def _gather_boxes(boxes, indices):
     return ops.take_along_axis(boxes, indices[..., None], axis=-2)
 
 
-def _batched_nms(boxes, scores, max_output, iou_threshold, score_threshold, pre_nms_top_k):
-    """Greedy NMS of every image of a batch: (indices (B, max_output) int32, -1 padded; valid (B,)).
+def _greedy_keep(candidates, eligible, iou_threshold):
+    """Greedy NMS keep mask (B, k) of score-ordered ``candidates`` (B, k, 4), in ``keras.ops``.
 
-    Takes the top ``k = min(N, pre_nms_top_k)`` candidates by score, computes their IoU matrix
-    once and walks them in score order with a fixed-length loop carrying a keep mask: candidate i,
-    if still kept, drops every later candidate whose IoU with it exceeds ``iou_threshold``.
+    Computes the candidates' IoU matrix once and walks them in order with a fixed-length loop
+    carrying the keep mask: candidate i, if still kept, drops every later candidate whose IoU
+    with it exceeds ``iou_threshold``. (A fixed-point form, every pass one matrix product, took
+    3x longer under ``jax.jit`` on CPU: XLA runs this loop's k small steps without overhead.)
     """
-    boxes, scores = _float(boxes), _float(scores)
-    n_boxes = boxes.shape[-2]
-    max_output = int(max_output)
-    k = min(int(n_boxes), int(pre_nms_top_k))
-    if k == 0 or max_output == 0:
-        empty = ops.cast(ops.zeros_like(scores[:, :0]), "int32")  # (B, 0), batch may be dynamic
-        return ops.pad(empty, [[0, 0], [0, max_output]], constant_values=-1), ops.sum(empty, axis=-1)
-
-    eligible = scores >= score_threshold  # NaN scores compare False and are never kept
-    ranked = ops.where(eligible, scores, float("-inf"))
-    _, order = ops.top_k(ranked, k)  # (B, k) candidate indices, best first
-    keep = ops.take_along_axis(eligible, order, axis=-1)
-    candidates = _gather_boxes(boxes, order)
-
+    k = candidates.shape[-2]
     positions = ops.arange(k)
     later = positions[None, :] > positions[:, None]  # (k, k): column after row
     suppresses = ops.logical_and(_iou_matrix(candidates, candidates) > iou_threshold, later)
@@ -317,18 +310,68 @@ def _batched_nms(boxes, scores, max_output, iou_threshold, score_threshold, pre_
         row = ops.take(suppresses, i, axis=-2)  # (B, k)
         return ops.logical_and(keep, ops.logical_not(ops.logical_and(kept_i[:, None], row)))
 
-    keep = ops.fori_loop(0, k, visit, keep)
+    return ops.fori_loop(0, k, visit, eligible)
 
-    # Kept candidates to the front, in score order: key k - position for kept, 0 otherwise.
-    n_out = min(k, max_output)
-    key = ops.where(keep, ops.cast(k - positions, "float32"), 0.0)
+
+def _kept_positions(keep, n_out: int):
+    """Positions (B, n_out) of the first ``n_out`` True entries of ``keep`` (B, k), -1 padded."""
+    k = keep.shape[-1]
+    key = ops.where(keep, ops.cast(k - ops.arange(k), "float32"), 0.0)
     key_values, key_positions = ops.top_k(key, n_out)
-    indices = ops.take_along_axis(order, key_positions, axis=-1)
-    indices = ops.cast(ops.where(key_values > 0.0, indices, -1), "int32")
+    valid = ops.minimum(ops.sum(ops.cast(keep, "int32"), axis=-1), n_out)
+    return ops.cast(ops.where(key_values > 0.0, key_positions, -1), "int32"), ops.cast(valid, "int32")
+
+
+def _batched_nms(boxes, scores, max_output, iou_threshold, score_threshold, pre_nms_top_k,
+                 rows_per_image: int = 1):
+    """Greedy NMS of every image of a batch: (indices (B, max_output) int32, -1 padded; valid (B,)).
+
+    ``boxes`` (B, N, 4); ``scores`` (B * rows_per_image, N): with several score rows per image
+    (one per class), each row runs its own NMS over its image's boxes, without copying them.
+
+    Takes the top ``k = min(N, pre_nms_top_k)`` candidates by score (equal scores: lower index
+    first) and keeps, in that order, each eligible candidate (score >= ``score_threshold``) that
+    no kept earlier candidate overlaps with an IoU strictly above ``iou_threshold``. The kernel is
+    ``kseg.nn.kernels``' choice: TensorFlow's NMS op on the TensorFlow backend, ``_greedy_keep``
+    elsewhere; both walk the candidates in the same order, so they agree up to float rounding of
+    an IoU at the threshold.
+    """
+    boxes, scores = _float(boxes), _float(scores)
+    n_boxes = boxes.shape[-2]
+    max_output = int(max_output)
+    k = min(int(n_boxes), int(pre_nms_top_k))
+    if k == 0 or max_output == 0:
+        empty = ops.cast(ops.zeros_like(scores[:, :0]), "int32")  # (B, 0), batch may be dynamic
+        return ops.pad(empty, [[0, 0], [0, max_output]], constant_values=-1), ops.sum(empty, axis=-1)
+
+    n_out = min(k, max_output)
+    if library_kernels():
+        indices, valid = tf_kernels.batched_nms(boxes, scores, n_out, iou_threshold, score_threshold, k,
+                                                rows_per_image)
+        return _pad_indices(indices, max_output), ops.cast(valid, "int32")
+
+    eligible = scores >= score_threshold  # NaN scores compare False and are never kept
+    ranked = ops.where(eligible, scores, float("-inf"))
+    _, order = ops.top_k(ranked, k)  # (B, k) candidate indices, best first
+    keep = ops.take_along_axis(eligible, order, axis=-1)
+    if rows_per_image == 1:
+        candidates = _gather_boxes(boxes, order)
+    else:  # row r reads image r // rows_per_image: one gather from the flattened (B * N, 4) boxes
+        row = ops.cumsum(ops.ones_like(order[:, :1]), axis=0) - 1  # (B * rows, 1)
+        candidates = ops.take(ops.reshape(boxes, (-1, 4)), order + (row // rows_per_image) * n_boxes, axis=0)
+
+    positions, valid = _kept_positions(_greedy_keep(candidates, keep, iou_threshold), n_out)
+    indices = ops.take_along_axis(order, ops.maximum(positions, 0), axis=-1)
+    indices = ops.cast(ops.where(positions >= 0, indices, -1), "int32")
+    return _pad_indices(indices, max_output), valid
+
+
+def _pad_indices(indices, max_output: int):
+    """(B, n) kept indices -> (B, max_output), the extra columns -1."""
+    n_out = indices.shape[-1]
     if n_out < max_output:
         indices = ops.pad(indices, [[0, 0], [0, max_output - n_out]], constant_values=-1)
-    valid = ops.minimum(ops.sum(ops.cast(keep, "int32"), axis=-1), max_output)
-    return indices, ops.cast(valid, "int32")
+    return indices
 
 
 def non_max_suppression(
@@ -364,11 +407,12 @@ def batched_class_nms(
     """Class-wise NMS per image, then the best ``max_output`` detections over all classes.
 
     ``boxes`` (B, N, 4) are shared by all classes; ``class_scores`` (B, N, C) with column 0 the
-    background (skipped). Each class 1..C-1 runs ``non_max_suppression`` (batched over images,
-    a Python loop over the static C), so overlapping boxes of different classes are all kept.
+    background (skipped). Each class 1..C-1 of each image runs ``non_max_suppression`` (one
+    batched NMS over all B * (C-1) pairs), so overlapping boxes of different classes are all kept.
     Returns fixed shapes: ``boxes`` (B, max_output, 4), ``scores`` (B, max_output), ``classes``
     (B, max_output) int32 and ``valid`` (B,) int32; detections come first in decreasing score
-    order and padding rows have box 0, score 0 and class 0.
+    order (equal scores: lower class, then lower box index first) and padding rows have box 0,
+    score 0 and class 0.
     """
     boxes = _float(boxes)
     class_scores = _float(class_scores)
@@ -386,24 +430,22 @@ def batched_class_nms(
             "valid": ops.cast(ops.sum(scores, axis=-1), "int32"),
         }
 
-    per_class_boxes, per_class_scores, per_class_ids = [], [], []
-    for class_id in range(1, n_classes):
-        scores = class_scores[..., class_id]
-        indices, _ = _batched_nms(
-            boxes, scores, max_output, iou_threshold, score_threshold, pre_nms_top_k
-        )
-        kept = indices >= 0
-        safe = ops.maximum(indices, 0)
-        kept_scores = ops.take_along_axis(scores, safe, axis=-1)
-        per_class_scores.append(ops.where(kept, kept_scores, float("-inf")))
-        per_class_boxes.append(_gather_boxes(boxes, safe))
-        per_class_ids.append(ops.cast(batch_zeros, "int32") + class_id)  # (B, 1)
-
-    all_scores = ops.concatenate(per_class_scores, axis=-1)  # (B, (C-1) * max_output)
-    all_boxes = ops.concatenate(per_class_boxes, axis=-2)
-    all_ids = ops.concatenate(
-        [ops.repeat(ids, max_output, axis=-1) for ids in per_class_ids], axis=-1
-    )
+    # Every (image, class) pair is one row of a single batched NMS: no loop over classes.
+    n_objects = n_classes - 1
+    n_boxes = boxes.shape[-2]
+    object_scores = ops.reshape(ops.transpose(class_scores[..., 1:], (0, 2, 1)), (-1, n_boxes))
+    indices, _ = _batched_nms(
+        boxes, object_scores, max_output, iou_threshold, score_threshold, pre_nms_top_k,
+        rows_per_image=n_objects,
+    )  # (B * (C-1), max_output): image b, class c at row b * (C-1) + c - 1
+    kept = indices >= 0
+    safe = ops.maximum(indices, 0)
+    kept_scores = ops.where(kept, ops.take_along_axis(object_scores, safe, axis=-1), float("-inf"))
+    all_scores = ops.reshape(kept_scores, (-1, n_objects * max_output))  # (B, (C-1) * max_output)
+    all_boxes = _gather_boxes(boxes, ops.reshape(safe, (-1, n_objects * max_output)))
+    all_ids = ops.cast(batch_zeros, "int32") + np.repeat(
+        np.arange(1, n_classes, dtype=np.int32), max_output
+    )[None, :]
 
     top_scores, top = ops.top_k(all_scores, max_output)
     detected = top_scores > float("-inf")

@@ -59,7 +59,11 @@ def test_old_run_directories_still_submit_the_same_csv(family, demo_root, tmp_pa
 
 @pytest.mark.slow
 def test_tiny_deterministic_runs_reproduce_the_old_code_bit_for_bit(tmp_path):
-    fresh = record.record(tmp_path / "golden")
+    # Mask R-CNN's RoIAlign on TensorFlow's crop-and-resize kernel sums in another order (weights
+    # then differ in the last bits; its agreement with the keras.ops twin is tested within 1e-4 in
+    # tests/tasks/maskrcnn): its bit-for-bit check runs the twin, which is the old computation.
+    # SSD's NMS on TensorFlow's kernel is exact, so SSD is checked on the kernel the backend uses.
+    fresh = record.record(tmp_path / "golden", portable=("maskrcnn",))
     for family in FAMILIES:
         old, new = golden["families"][family], fresh["families"][family]
         assert new["overrides_template"] == old["overrides_template"], family
@@ -77,9 +81,15 @@ def test_tiny_deterministic_runs_reproduce_the_old_code_bit_for_bit(tmp_path):
         old_baselines, new_baselines = old_results.pop("baselines"), new_results.pop("baselines")
         assert {k: new_baselines.get(k) for k in old_baselines} == old_baselines, family
         assert {k: new_results.get(k) for k in old_results} == old_results, family
-        expected = np.load(GOLDEN / family / "prediction.npz")
-        got = np.load(tmp_path / "golden" / family / "prediction.npz")
-        for key in expected.files:
+        expected = dict(np.load(GOLDEN / family / "prediction.npz"))
+        got = dict(np.load(tmp_path / "golden" / family / "prediction.npz"))
+        if "masks" in expected:
+            # Models built now give padding rows (at or past `valid`) an all-zero mask, where the
+            # old graph ran the mask head on them too; detected rows must still match exactly.
+            rows = np.arange(expected["masks"].shape[1])[None, :] >= expected["valid"][:, None]
+            assert not got["masks"][rows].any(), family
+            expected["masks"][rows] = 0
+        for key in expected:
             np.testing.assert_array_equal(got[key], expected[key], err_msg=f"{family}: {key}")
         assert (tmp_path / "golden" / family / "submission.csv").read_bytes() == \
             (GOLDEN / family / "submission.csv").read_bytes(), family

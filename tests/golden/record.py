@@ -107,10 +107,15 @@ def prediction(path: Path, detector: bool) -> dict[str, np.ndarray]:
     return {"output": keras.ops.convert_to_numpy(out)}
 
 
-def record(out: Path) -> dict:
+def record(out: Path, portable: tuple[str, ...] = ()) -> dict:
+    """Train and record every family; those in ``portable`` run on the ``keras.ops`` kernel twins
+    (``kseg.nn.kernels.portable_kernels``), the computation of the code the files came from."""
+    import contextlib
+
     from kseg.core.config import load_config
     from kseg.engine.fit import train
     from kseg.io.demo import write_demo_dataset
+    from kseg.nn.kernels import portable_kernels
     from kseg.submission.make import make_submission
     from kseg.tasks.base import task_class
 
@@ -126,7 +131,8 @@ def record(out: Path) -> dict:
         for family, (model, overrides) in family_settings(tmp).items():
             started = time.perf_counter()
             cfg = load_config("demo", model=model, data_root=str(root), overrides=overrides)
-            result = train(cfg)
+            with portable_kernels() if family in portable else contextlib.nullcontext():
+                result = train(cfg)
             run = Path(result.run_dir)
 
             target = out / family

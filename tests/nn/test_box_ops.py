@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from kseg.nn.box_ops import (
     SIZE_EPSILON,
+    _batched_nms,
     batched_class_nms,
     box_area,
     boxes_per_position,
@@ -261,7 +262,7 @@ def test_match_on_ssd_grid():
 # ----------------------------------------------------------------------------- NMS
 
 
-def test_nms_suppresses_overlap_keeps_separate_and_respects_score_threshold():
+def test_nms_suppresses_overlap_keeps_separate_and_respects_score_threshold(kernels):
     boxes = np.array([[0.0, 0.0, 0.4, 0.4], [0.0, 0.02, 0.4, 0.42], [0.5, 0.5, 0.9, 0.9],
                       [0.6, 0.0, 0.9, 0.3]], np.float32)
     scores = np.array([0.8, 0.9, 0.7, 0.005], np.float32)
@@ -281,7 +282,7 @@ def test_nms_suppresses_overlap_keeps_separate_and_respects_score_threshold():
     assert int(to_np(valid)) == 0
 
 
-def test_nms_matches_numpy_greedy_reference():
+def test_nms_matches_numpy_greedy_reference(kernels):
     rng = np.random.default_rng(7)
     for case in range(20):
         n = int(rng.integers(1, 60))
@@ -300,16 +301,67 @@ def test_nms_matches_numpy_greedy_reference():
         np.testing.assert_array_equal(indices, expected + [-1] * (max_output - len(expected)), str(case))
 
 
-def numpy_class_nms(boxes, class_scores, max_output, iou_threshold, score_threshold):
+def test_nms_ties_keep_index_order_and_long_chains_settle(kernels):
+    # A row of boxes, each overlapping the next at IoU 0.6 and the one after at 0.25: greedy NMS
+    # at 0.5 keeps every other box (a chain of 29 suppressions, the keras.ops twin's worst case).
+    n = 30
+    starts = np.arange(n) * 0.25 / (n * 0.25 + 1)
+    width = 1.0 / (n * 0.25 + 1)
+    boxes = np.stack([np.zeros(n), starts, np.ones(n), starts + width], axis=-1).astype(np.float32)
+    iou = numpy_iou(boxes[:3], boxes[:3])
+    assert iou[0, 1] > 0.5 > iou[0, 2] > 0.0
+    descending = np.linspace(0.9, 0.5, n).astype(np.float32)
+    indices, valid = non_max_suppression(boxes, descending, max_output=n, iou_threshold=0.5)
+    np.testing.assert_array_equal(to_np(indices)[: n // 2], np.arange(0, n, 2))
+    assert int(to_np(valid)) == n // 2
+    # Equal scores: the lower index comes first, so the result is the same as above.
+    indices, valid = non_max_suppression(boxes, np.full(n, 0.7, np.float32), max_output=n, iou_threshold=0.5)
+    np.testing.assert_array_equal(to_np(indices)[: n // 2], np.arange(0, n, 2))
+    assert int(to_np(valid)) == n // 2
+
+
+def numpy_iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Reference IoU matrix in float64, broadcast (for reference NMS over many boxes)."""
+    a, b = np.float64(a)[:, None], np.float64(b)[None]
+    inter = (np.maximum(0, np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]))
+             * np.maximum(0, np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1])))
+    union = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1]) + (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1]) - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def test_nms_of_a_thousand_proposals_matches_the_reference(kernels):
+    # The Mask R-CNN proposal case: 1000 small boxes, IoU 0.7, 500 kept at most, two images.
+    rng = np.random.default_rng(11)
+    centres = rng.random((2, 1000, 2))
+    sizes = rng.random((2, 1000, 2)) * 0.08 + 0.01
+    boxes = np.concatenate([centres - sizes / 2, centres + sizes / 2], axis=-1).astype(np.float32)
+    scores = rng.random((2, 1000)).astype(np.float32)
+    scores[1, :300] = 0.5  # ties, resolved by index
+    indices, valid = (to_np(x) for x in _batched_nms(boxes, scores, 500, 0.7, 0.0, 1000))
+    for b in range(2):
+        order = np.argsort(-scores[b], kind="stable")
+        iou = numpy_iou_matrix(boxes[b], boxes[b])
+        kept: list[int] = []
+        for i in order:
+            if not kept or iou[i, kept].max() <= 0.7:
+                kept.append(int(i))
+        kept = kept[:500]
+        assert valid[b] == len(kept) and len(kept) > 100
+        np.testing.assert_array_equal(indices[b, : len(kept)], kept)
+        assert (indices[b, len(kept):] == -1).all()
+
+
+def numpy_class_nms(boxes, class_scores, max_output, iou_threshold, score_threshold, pre_nms_top_k=400):
     """Reference for one image: (score, class, box index) of the best detections over classes."""
     found = []
     for c in range(1, class_scores.shape[-1]):
-        kept = numpy_greedy_nms(boxes, class_scores[:, c], max_output, iou_threshold, score_threshold)
+        kept = numpy_greedy_nms(boxes, class_scores[:, c], max_output, iou_threshold, score_threshold,
+                                pre_nms_top_k)
         found += [(float(class_scores[i, c]), c, i) for i in kept]
     return sorted(found, key=lambda t: -t[0])[:max_output]
 
 
-def test_batched_class_nms_is_class_wise_and_padded():
+def test_batched_class_nms_is_class_wise_and_padded(kernels):
     boxes = np.array([[[0.0, 0.0, 0.4, 0.4], [0.0, 0.02, 0.4, 0.42], [0.5, 0.5, 0.9, 0.9]]], np.float32)
     scores = np.array([[[0.1, 0.9, 0.0], [0.1, 0.0, 0.8], [0.9, 0.0, 0.0]]], np.float32)
     out = batched_class_nms(boxes, scores, max_output=4)
@@ -329,16 +381,18 @@ def test_batched_class_nms_is_class_wise_and_padded():
     np.testing.assert_array_equal(to_np(out["valid"]), [1])
 
 
-def test_batched_class_nms_matches_reference_per_image():
+@pytest.mark.parametrize("pre_nms_top_k", [400, 6])  # 6: the per-class cap binds (TF: the capped path)
+def test_batched_class_nms_matches_reference_per_image(kernels, pre_nms_top_k):
     rng = np.random.default_rng(3)
     batch, n, n_classes, max_output = 3, 30, 4, 8
     centres = rng.random((batch, n, 2)) * 0.6 + 0.2
     sizes = rng.random((batch, n, 2)) * 0.3 + 0.05
     boxes = np.concatenate([centres - sizes / 2, centres + sizes / 2], axis=-1).astype(np.float32)
     class_scores = rng.random((batch, n, n_classes)).astype(np.float32) ** 3
-    out = {k: to_np(v) for k, v in batched_class_nms(boxes, class_scores, max_output, 0.45, 0.05).items()}
+    out = batched_class_nms(boxes, class_scores, max_output, 0.45, 0.05, pre_nms_top_k)
+    out = {k: to_np(v) for k, v in out.items()}
     for b in range(batch):
-        expected = numpy_class_nms(boxes[b], class_scores[b], max_output, 0.45, 0.05)
+        expected = numpy_class_nms(boxes[b], class_scores[b], max_output, 0.45, 0.05, pre_nms_top_k)
         count = len(expected)
         assert out["valid"][b] == count
         np.testing.assert_allclose(out["scores"][b, :count], [t[0] for t in expected], rtol=1e-6)
@@ -357,7 +411,7 @@ class _Detect(keras.layers.Layer):
         return out["boxes"], out["scores"], out["classes"], out["valid"], single[None]
 
 
-def test_nms_runs_in_a_compiled_tf_model():
+def test_nms_runs_in_a_compiled_tf_model(kernels):
     rng = np.random.default_rng(5)
     n = 20
     centres = rng.random((2, n, 2)) * 0.6 + 0.2

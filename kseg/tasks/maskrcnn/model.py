@@ -31,6 +31,7 @@ from keras import layers, ops
 from kseg.core.errors import ConfigError
 from kseg.nn.blocks import input_normalization
 from kseg.nn.fpn import FPN_DIVISOR, resnet_fpn_features
+from kseg.nn.kernels import library_kernels
 from kseg.nn.registry import register_model
 from kseg.tasks.maskrcnn import losses as kseg_losses
 from kseg.tasks.maskrcnn.heads import DetectionLayer, box_head, mask_head
@@ -58,15 +59,51 @@ class StopGradient(layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="kseg")
-class SelectClassMasks(layers.Layer):
-    """Mask logits (B, D, h, w, C) and classes (B, D) -> probabilities (B, D, h, w) of each
-    detection's own class."""
+class DetectedRows(layers.Layer):
+    """The detection boxes (B, D, 4) worth a mask: on TensorFlow's kernels (``kseg.nn.kernels``)
+    only the first ``max(valid)`` rows, since detections come first and the rest is padding, so
+    RoIAlign and the mask head skip the padding (D is sized for the most crowded image); on the
+    ``keras.ops`` path all D rows (fixed shapes, as ``jax.jit`` needs)."""
 
-    def call(self, mask_logits, classes):
+    def call(self, boxes, valid):
+        if not library_kernels():
+            return boxes
+        return boxes[:, : ops.maximum(ops.max(valid), 1)]
+
+
+@keras.saving.register_keras_serializable(package="kseg")
+class SelectClassMasks(layers.Layer):
+    """Mask logits (B, n, h, w, C) and classes (B, D) -> probabilities (B, D, h, w) of each
+    detection's own class.
+
+    With ``valid`` (B,) (models built since the mask head skips padding): ``n <= D`` rows were
+    computed, and every row at or beyond an image's valid count is 0. Without it (older saved
+    models) ``n == D`` and padding rows keep whatever the head gave them.
+    """
+
+    def call(self, mask_logits, classes, valid=None):
         n_classes = mask_logits.shape[-1]
-        one_hot = ops.one_hot(ops.cast(classes, "int32"), n_classes)  # (B, D, C)
+        classes = ops.cast(classes, "int32")
+        n_rows = ops.shape(mask_logits)[1]
+        one_hot = ops.one_hot(classes[:, :n_rows], n_classes)  # (B, n, C)
         logits = ops.sum(ops.cast(mask_logits, "float32") * one_hot[:, :, None, None, :], axis=-1)
-        return ops.sigmoid(logits)
+        masks = ops.sigmoid(logits)
+        if valid is None:
+            return masks
+        detected = ops.arange(n_rows)[None, :] < ops.cast(valid, "int32")[:, None]  # (B, n)
+        masks = ops.where(detected[:, :, None, None], masks, 0.0)
+        return ops.pad(masks, [[0, 0], [0, ops.shape(classes)[1] - n_rows], [0, 0], [0, 0]])
+
+    def compute_output_shape(self, mask_logits_shape, classes_shape, valid_shape=None):
+        return (mask_logits_shape[0], classes_shape[1], *mask_logits_shape[2:4])
+
+
+def mask_branch(detections: dict, pyramid: Sequence, align: layers.Layer, mask_head: keras.Model):
+    """Mask probabilities (B, D, 28, 28) of ``detections`` (the detection layer's dict) from the
+    pyramid levels P2..P5 through the 14x14 RoIAlign ``align`` and ``mask_head``."""
+    rows = DetectedRows(name="detected_rows")(detections["boxes"], detections["valid"])
+    mask_logits = mask_head(align([rows, *pyramid[:4]]))
+    return SelectClassMasks(name="masks")(mask_logits, detections["classes"], detections["valid"])
 
 
 @keras.saving.register_keras_serializable(package="kseg")
@@ -176,9 +213,8 @@ def maskrcnn(
                                 nms_iou=detection_nms_iou, name="detections")(proposals, class_logits, box_deltas)
     align14 = PyramidRoIAlign(output_size=(14, 14), image_size=(height, width_px), canonical=canonical_size,
                               name="roi_align_masks")
-    mask_logits = masks(align14([detections["boxes"], *p[:4]]))
     outputs = dict(detections)
-    outputs["masks"] = SelectClassMasks(name="masks")(mask_logits, detections["classes"])
+    outputs["masks"] = mask_branch(detections, p, align14, masks)
     return keras.Model(image, outputs, name=name)
 
 

@@ -120,7 +120,7 @@ def random_boxes(rng, shape, low=0.0, high=1.0, min_size=0.05) -> np.ndarray:
 # -- crop_and_resize -------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["bilinear", "nearest"])
 @pytest.mark.parametrize("crop_size", [(5, 7), (1, 1), (1, 4)])
-def test_crop_and_resize_matches_tensorflow(method, crop_size):
+def test_crop_and_resize_matches_tensorflow(method, crop_size, kernels):
     rng = np.random.default_rng(0)
     images = rng.normal(size=(2, 9, 11, 3)).astype(np.float32)
     boxes = random_boxes(rng, (2, 6), low=-0.4, high=1.4)  # many partly outside the image
@@ -134,7 +134,7 @@ def test_crop_and_resize_matches_tensorflow(method, crop_size):
     assert (got == 0).any() and (got != 0).any()  # the outside parts really are extrapolated
 
 
-def test_crop_and_resize_nearest_keeps_int_labels_and_rejects_bad_options():
+def test_crop_and_resize_nearest_keeps_int_labels_and_rejects_bad_options(kernels):
     label = np.arange(2 * 6 * 6, dtype=np.int32).reshape(2, 6, 6, 1)
     boxes = np.array([[[0, 0, 1, 1]], [[0.2, 0.2, 0.6, 0.8]]], np.float32)
     got = crop_and_resize(label, boxes, 6, method="nearest")
@@ -155,7 +155,7 @@ def test_crop_and_resize_nearest_keeps_int_labels_and_rejects_bad_options():
 
 # -- roi_align -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("output_size, sampling_ratio", [((7, 7), 2), ((3, 5), 1), ((2, 2), 3)])
-def test_roi_align_matches_numpy_loop(output_size, sampling_ratio):
+def test_roi_align_matches_numpy_loop(output_size, sampling_ratio, kernels):
     rng = np.random.default_rng(1)
     fm = rng.normal(size=(2, 12, 10, 3)).astype(np.float32)
     boxes = random_boxes(rng, (2, 5))
@@ -170,7 +170,7 @@ def test_roi_align_matches_numpy_loop(output_size, sampling_ratio):
                                    atol=1e-5)
 
 
-def test_roi_align_of_a_linear_ramp_is_the_ramp_at_bin_centres():
+def test_roi_align_of_a_linear_ramp_is_the_ramp_at_bin_centres(kernels):
     # f(Y, X) = a Y + b X + c in continuous coordinates (pixel i covers [i, i + 1)): pixel values
     # are f at the centres (i + 0.5). Bilinear sampling of a linear map is exact and the samples
     # of a bin are symmetric about its centre, so each output is f at the bin centre.
@@ -189,7 +189,7 @@ def test_roi_align_of_a_linear_ramp_is_the_ramp_at_bin_centres():
             np.testing.assert_allclose(got[r, ..., ch], expected, atol=2e-5)
 
 
-def test_roi_align_gradient_reaches_the_features():
+def test_roi_align_gradient_reaches_the_features(kernels):
     # Every output averages samples whose bilinear weights sum to 1, so for boxes inside the map
     # the gradient of the sum of all outputs sums to R * oh * ow per channel.
     rng = np.random.default_rng(8)
@@ -249,7 +249,7 @@ def pyramid_maps(rng=None, channels=2):
     return maps
 
 
-def test_pyramid_roi_align_picks_each_rois_level():
+def test_pyramid_roi_align_picks_each_rois_level(kernels):
     # canonical 56 on a 128 px image: 8 and 14 px -> P2, 28 -> P3, 56 and 60 -> P4, 112 -> P5.
     # Corners on multiples of 1/128 keep the box sizes exact in float32 (28/56/112 are boundaries).
     sides = np.array([[8, 14, 28, 56, 112, 60], [20, 40, 80, 120, 30, 0]], np.float32) / 128
@@ -264,7 +264,7 @@ def test_pyramid_roi_align_picks_each_rois_level():
     assert set(expected[0]) == {2, 3, 4, 5}
 
 
-def test_pyramid_roi_align_equals_roi_align_on_the_chosen_level_and_round_trips_config():
+def test_pyramid_roi_align_equals_roi_align_on_the_chosen_level_and_round_trips_config(kernels):
     rng = np.random.default_rng(3)
     maps = pyramid_maps(rng, channels=3)
     boxes = random_boxes(rng, (2, 40), min_size=0.02)
@@ -379,7 +379,7 @@ def test_detection_targets_sampling_counts_iou_rules_deltas_and_padding():
     assert (positive_masks.reshape(50, -1).max(axis=1) == 1).all()
 
 
-def test_detection_targets_masks_of_gt_boxes_are_the_resized_instance_masks():
+def test_detection_targets_masks_of_gt_boxes_are_the_resized_instance_masks(kernels):
     rng = np.random.default_rng(5)
     label, gt_boxes, gt_classes, gt_ids = label_scene()
     # Small proposals in the empty top-right corner: negatives only, so the positives are the
@@ -435,7 +435,7 @@ def test_detection_targets_layer_options_config_and_sampling_varies():
     assert first.shape == (2, 64, 4) and not np.array_equal(first, second)  # a fresh draw per call
 
 
-def test_targets_and_pyramid_in_a_compiled_keras_model():
+def test_targets_and_pyramid_in_a_compiled_keras_model(kernels):
     rng = np.random.default_rng(7)
     label, gt_boxes, gt_classes, gt_ids = label_scene()
     proposals = scene_proposals(rng, gt_boxes)
