@@ -39,18 +39,20 @@ SIZE_EPSILON = 1e-8
 DEFAULT_ASPECT_RATIOS = (1.0, 2.0, 0.5)
 
 
-def _float(x):
+def _float(x, xp=ops):
+    if xp is np:
+        return np.asarray(x, dtype=np.float32)
     return ops.convert_to_tensor(x, dtype="float32")
 
 
 # ----------------------------------------------------------------------------- conversions
 
 
-def corners_to_center(boxes):
-    """``(y_min, x_min, y_max, x_max)`` -> ``(cy, cx, h, w)`` on the last axis."""
-    boxes = _float(boxes)
+def corners_to_center(boxes, xp=ops):
+    """``(y_min, x_min, y_max, x_max)`` -> ``(cy, cx, h, w)`` on the last axis (``xp``: see ``encode_boxes``)."""
+    boxes = _float(boxes, xp)
     y_min, x_min, y_max, x_max = (boxes[..., i] for i in range(4))
-    return ops.stack(
+    return xp.stack(
         [(y_min + y_max) * 0.5, (x_min + x_max) * 0.5, y_max - y_min, x_max - x_min], axis=-1
     )
 
@@ -88,7 +90,7 @@ def clip_boxes(boxes, low: float = 0.0, high: float = 1.0):
 # ----------------------------------------------------------------------------- SSD encoding
 
 
-def encode_boxes(matched_truth, default_boxes, variances: Sequence[float] = VARIANCES):
+def encode_boxes(matched_truth, default_boxes, variances: Sequence[float] = VARIANCES, xp=ops):
     """SSD regression targets of corner boxes ``matched_truth`` against ``default_boxes``.
 
     Per box, with centers and sizes of truth (cy, cx, h, w) and default box (dy, dx, dh, dw):
@@ -96,20 +98,22 @@ def encode_boxes(matched_truth, default_boxes, variances: Sequence[float] = VARI
     A truth height or width below ``SIZE_EPSILON`` is raised to it before the log, so a
     degenerate (e.g. all-zero) box encodes to a finite, large negative size offset instead of
     -inf; boxes at least that large round-trip exactly through ``decode_boxes``.
-    ``matched_truth`` may have a leading batch axis ((B, N, 4) against (N, 4)).
+    ``matched_truth`` may have a leading batch axis ((B, N, 4) against (N, 4)). ``xp=np``
+    computes in NumPy instead of ``keras.ops`` (float32 as well): a data generator's per-image
+    targets then cost no eager backend calls.
     """
-    truth = corners_to_center(matched_truth)
-    anchors = corners_to_center(default_boxes)
-    var = _float(variances)
+    truth = corners_to_center(matched_truth, xp)
+    anchors = corners_to_center(default_boxes, xp)
+    var = _float(variances, xp)
     d_cy, d_cx, d_h, d_w = (anchors[..., i] for i in range(4))
-    height = ops.maximum(truth[..., 2], SIZE_EPSILON)
-    width = ops.maximum(truth[..., 3], SIZE_EPSILON)
-    return ops.stack(
+    height = xp.maximum(truth[..., 2], SIZE_EPSILON)
+    width = xp.maximum(truth[..., 3], SIZE_EPSILON)
+    return xp.stack(
         [
             (truth[..., 0] - d_cy) / d_h / var[0],
             (truth[..., 1] - d_cx) / d_w / var[1],
-            ops.log(height / d_h) / var[2],
-            ops.log(width / d_w) / var[3],
+            xp.log(height / d_h) / var[2],
+            xp.log(width / d_w) / var[3],
         ],
         axis=-1,
     )

@@ -72,13 +72,13 @@ def batched_nms(boxes, scores, max_output: int, iou_threshold: float, score_thre
     n_boxes = int(scores.shape[-1])
     k = min(n_boxes, int(pre_nms_top_k))
     n_out = min(k, int(max_output))
-    eligible = scores >= score_threshold  # NaN is never eligible
     below = float(np.nextafter(np.float32(score_threshold), np.float32(-np.inf)))
 
-    def all_boxes():
-        return _nms_rows(boxes, tf.where(eligible, scores, -np.inf), rows_per_image, n_out, iou_threshold, below)
+    def all_boxes():  # the op itself drops scores at or below ``below`` (and NaN)
+        return _nms_rows(boxes, scores, rows_per_image, n_out, iou_threshold, below)
 
     def top_candidates():
+        eligible = scores >= score_threshold  # NaN is never eligible
         _, order = tf.math.top_k(tf.where(eligible, scores, -np.inf), k)  # (rows, k), best first
         image_of_row = tf.range(tf.shape(scores)[0]) // int(rows_per_image)
         source = boxes if int(rows_per_image) == 1 else tf.gather(boxes, image_of_row)  # (rows, N, 4)
@@ -90,7 +90,7 @@ def batched_nms(boxes, scores, max_output: int, iou_threshold: float, score_thre
 
     if k == n_boxes:
         return all_boxes()
-    too_many = tf.reduce_any(tf.reduce_sum(tf.cast(eligible, tf.int32), axis=-1) > k)
+    too_many = tf.reduce_any(tf.math.count_nonzero(scores >= score_threshold, axis=-1) > k)
     return tf.cond(too_many, top_candidates, all_boxes)
 
 

@@ -130,6 +130,10 @@ def test_encode_hand_value_and_zero_box_is_finite():
     zero = to_np(encode_boxes([[0.5, 0.5, 0.5, 0.5]], anchor))
     assert np.isfinite(zero).all()
     np.testing.assert_allclose(zero[0, 2:], np.log(SIZE_EPSILON / 0.2) / 0.2, rtol=1e-5)
+    # In NumPy (xp=np, as the data generators use it): the same values, a float32 ndarray.
+    in_numpy = encode_boxes(np.array(truth + [[0.5, 0.5, 0.5, 0.5]]), np.array(anchor * 2), xp=np)
+    assert isinstance(in_numpy, np.ndarray) and in_numpy.dtype == np.float32
+    np.testing.assert_allclose(in_numpy, np.concatenate([expected, zero]), rtol=1e-5, atol=1e-5)
 
 
 @settings(max_examples=40, deadline=None)

@@ -61,8 +61,8 @@ FPN_SCALES = (32, 64, 128, 256, 512)
 RPN_RATIOS = (0.5, 1.0, 2.0)
 """Anchor height / width ratios at every position."""
 
-_IOU_CHUNK = 1 << 20
-"""About how many anchor-truth IoUs ``rpn_targets`` computes at once (bounds its memory)."""
+_IOU_CHUNK = 1 << 22
+"""About how many anchor-truth IoUs ``rpn_targets`` computes at once (bounds its memory: ~50 MB)."""
 
 _TIE_TOLERANCE = 1e-6
 """Relative IoU slack under which anchors tie for a truth's best IoU (float32 anchor rounding)."""
@@ -204,12 +204,17 @@ def _iou_float32(anchors: np.ndarray, truth: np.ndarray) -> np.ndarray:
 def _match_anchors(anchors: np.ndarray, truth: np.ndarray):
     """(best IoU per anchor, its truth index, is-a-truth's-best-anchor) for (A, 4) and (T, 4), T >= 1.
 
-    Runs over chunks of anchors so the IoU matrix never exceeds ``_IOU_CHUNK`` entries at once:
-    one pass for the per-anchor and per-truth maxima, then the few chunks that hold a truth's
-    maximum are revisited to find every anchor tied at it.
+    One IoU matrix when it has at most ``_IOU_CHUNK`` entries (every image of up to a few hundred
+    objects at 512 px); otherwise chunks of anchors, with a second pass over the few chunks that
+    hold a truth's maximum to find every anchor tied at it.
     """
     n_anchors = len(anchors)
     chunk = max(1, _IOU_CHUNK // len(truth))
+    if n_anchors <= chunk:
+        iou = _iou_float32(anchors, truth)  # (A, T)
+        best_truth = iou.argmax(axis=1)
+        best_iou = np.take_along_axis(iou, best_truth[:, None], axis=1)[:, 0]
+        return best_iou, best_truth, (iou >= _tie_threshold(iou.max(axis=0))).any(axis=1)
     starts = range(0, n_anchors, chunk)
     best_iou = np.empty(n_anchors, np.float32)
     best_truth = np.empty(n_anchors, np.intp)
@@ -219,15 +224,19 @@ def _match_anchors(anchors: np.ndarray, truth: np.ndarray):
         best_truth[start:start + chunk] = iou.argmax(axis=1)
         best_iou[start:start + chunk] = iou.max(axis=1)
         chunk_best[c] = iou.max(axis=0)
-    truth_best = chunk_best.max(axis=0)
-    # A truth that overlaps no anchor at all (e.g. zero area) forces nothing.
-    threshold = np.where(truth_best > 0, truth_best * (1 - _TIE_TOLERANCE), np.inf)
+    threshold = _tie_threshold(chunk_best.max(axis=0))
     forced = np.zeros(n_anchors, bool)
     for c in np.flatnonzero((chunk_best >= threshold).any(axis=1)):
         start = starts[c]
         iou = _iou_float32(anchors[start:start + chunk], truth)
         forced[start:start + chunk] = (iou >= threshold).any(axis=1)
     return best_iou, best_truth, forced
+
+
+def _tie_threshold(truth_best: np.ndarray) -> np.ndarray:
+    """IoU at or above which an anchor ties for each truth's best; a truth that overlaps no anchor
+    at all (e.g. zero area) forces nothing."""
+    return np.where(truth_best > 0, truth_best * (1 - _TIE_TOLERANCE), np.inf).astype(np.float32)
 
 
 def rpn_targets(
@@ -297,9 +306,7 @@ def rpn_targets(
         labels[rng.choice(negatives, len(negatives) - max_negatives, replace=False)] = -1
 
     if len(positives):
-        # np.asarray reads the TF or JAX result (the generator runs this eagerly, a few rows per image).
-        deltas[positives] = np.asarray(box_ops.encode_boxes(truth[best_truth[positives]], anchors[positives],
-                                                            variances))
+        deltas[positives] = box_ops.encode_boxes(truth[best_truth[positives]], anchors[positives], variances, xp=np)
     return labels, deltas
 
 
