@@ -41,6 +41,7 @@ from keras import layers, ops
 
 from kseg.core.errors import ConfigError
 from kseg.nn import box_ops
+from kseg.nn.kernels import numpy_fast_paths
 
 __all__ = [
     "FPN_SCALES",
@@ -306,7 +307,9 @@ def rpn_targets(
         labels[rng.choice(negatives, len(negatives) - max_negatives, replace=False)] = -1
 
     if len(positives):
-        deltas[positives] = box_ops.encode_boxes(truth[best_truth[positives]], anchors[positives], variances, xp=np)
+        xp = np if numpy_fast_paths() else ops  # NumPy: no eager backend calls per image
+        deltas[positives] = np.asarray(box_ops.encode_boxes(truth[best_truth[positives]], anchors[positives],
+                                                            variances, xp=xp))
     return labels, deltas
 
 
