@@ -3,8 +3,8 @@ float32 and mixed bfloat16, the model FLOP utilisation (MFU) they reach, and the
 generator's rate beside them.
 
 Run from the repository root on a machine with JAX (a GPU one has no TensorFlow):
-``KERAS_BACKEND=jax python bench/jax_unet.py [--sizes 256,512] [--batch 8] [--steps 10]``.
-It runs on CPU too (slowly: ``--sizes 256 --steps 2``).
+``python bench/jax_unet.py [--sizes 256,512] [--batch 8] [--steps 10]`` (the JAX backend unless
+``KERAS_BACKEND`` says otherwise). On a CPU it defaults to 256 px and 2 timed steps.
 
 The model is the demo pipeline's U-Net (depth 4, 16 base filters, batch norm, mask+border head)
 in its training graph (pixel-weighted BCE + Dice), as in ``bench/train_step.py``, whose FLOP count
@@ -27,9 +27,11 @@ import sys
 import time
 from pathlib import Path
 
-# Never TensorFlow, even where it is installed: the GPU machines have none, and Keras would import it
-# opportunistically (keras.utils.set_random_seed seeds it when it can).
-if os.environ.get("KERAS_BACKEND") == "jax":
+# JAX unless told otherwise (``make bench`` sets nothing), and never TensorFlow, even where it is
+# installed: the GPU machines have none, and Keras would import it opportunistically
+# (keras.utils.set_random_seed seeds it when it can).
+os.environ.setdefault("KERAS_BACKEND", "jax")
+if os.environ["KERAS_BACKEND"] == "jax":
     sys.modules["tensorflow"] = None  # type: ignore[assignment]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,9 +100,9 @@ def generator_rate(size: int) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="256,512")
+    parser.add_argument("--sizes", help="comma-separated sides (default 256,512; 256 on a CPU)")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, help="timed steps (default 10; 2 on a CPU)")
     parser.add_argument("--one", nargs=2, metavar=("PRECISION", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if os.environ.get("KERAS_BACKEND") != "jax":
@@ -113,6 +115,9 @@ def main() -> int:
     import jax
 
     device = jax.devices()[0]
+    on_cpu = device.platform == "cpu"
+    args.sizes = args.sizes or ("256" if on_cpu else "256,512")
+    args.steps = args.steps or (2 if on_cpu else 10)
     print(f"JAX {jax.__version__}, {len(jax.devices())} x {device.platform} {device.device_kind}; "
           f"U-Net depth 4, 16 filters, batch {args.batch}, {args.steps} timed steps")
     for size in (int(s) for s in args.sizes.split(",") if s.strip()):
