@@ -77,8 +77,11 @@ def batched_nms(boxes, scores, max_output: int, iou_threshold: float, score_thre
     def all_boxes():  # the op itself drops scores at or below ``below`` (and NaN)
         return _nms_rows(boxes, scores, rows_per_image, n_out, iou_threshold, below)
 
+    if k == n_boxes:
+        return all_boxes()
+    eligible = scores >= score_threshold  # NaN is never eligible
+
     def top_candidates():
-        eligible = scores >= score_threshold  # NaN is never eligible
         _, order = tf.math.top_k(tf.where(eligible, scores, -np.inf), k)  # (rows, k), best first
         image_of_row = tf.range(tf.shape(scores)[0]) // int(rows_per_image)
         source = boxes if int(rows_per_image) == 1 else tf.gather(boxes, image_of_row)  # (rows, N, 4)
@@ -88,9 +91,7 @@ def batched_nms(boxes, scores, max_output: int, iou_threshold: float, score_thre
         positions, valid = _nms_rows(candidates, priority, 1, n_out, iou_threshold, 0.0)
         return tf.where(positions >= 0, tf.gather(order, tf.maximum(positions, 0), batch_dims=1), -1), valid
 
-    if k == n_boxes:
-        return all_boxes()
-    too_many = tf.reduce_any(tf.math.count_nonzero(scores >= score_threshold, axis=-1) > k)
+    too_many = tf.reduce_any(tf.math.count_nonzero(eligible, axis=-1) > k)
     return tf.cond(too_many, top_candidates, all_boxes)
 
 
