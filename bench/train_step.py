@@ -38,7 +38,7 @@ SETTINGS = {
 def build(mixed: bool, xla: bool, batch_norm: bool = True):
     import keras
 
-    from kseg.engine.distribute import set_mixed_precision
+    from kseg.engine.precision import set_mixed_precision
     from kseg.models import build_model
     from kseg.tasks.semantic.training_graph import build_training_model
 

@@ -47,6 +47,7 @@ SCHEDULES = ("plateau", "cosine", "constant")
 METRICS = ("iou_map", "f2", "tgs_iou_map", "dice")  # kseg.metrics.scores.METRICS
 TRAIN_METRICS = ("auto", "class_iou", *METRICS)
 STRATEGIES = ("auto", "default", "mirrored")  # kseg.engine.distribute.STRATEGIES
+PRECISIONS = ("auto", "on", "off", "bfloat16", "float16")  # kseg.engine.precision
 VERBOSITY = (0, 1, 2)
 CHECKPOINTS = ("best", "last")  # kseg.tasks.base.CHECKPOINTS
 TTA_PRESETS = ("none", "flips", "rotations", "d4")  # kseg.tasks.semantic.predictor.TTA_PRESETS
@@ -116,6 +117,13 @@ def _is_int(value: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _precision(value: Any) -> Any:
+    if isinstance(value, bool) or value in PRECISIONS:
+        return value
+    hint = suggestion(value, list(PRECISIONS), None)
+    raise _problem(f"{show(value)} is not one of {_one_of(PRECISIONS)} or true / false{hint}")
 
 
 def _size_pair(value: Any) -> Any:
@@ -310,7 +318,7 @@ class TrainSection(Section):
     seed: Natural
     deterministic: bool
     strategy: choice(STRATEGIES)
-    mixed_precision: bool
+    mixed_precision: Annotated[Any, BeforeValidator(_precision)]
     xla: bool
     runs_dir: Name
     verbose: choice(VERBOSITY)

@@ -64,13 +64,34 @@ class SeededEpochs:
             # the next pass's order instead of being cut short.
             self.steps_per_epoch = self.steps_per_epoch or math.ceil(len(self.ids) / self.batch_size)
         self.epoch = 0
-        self._order = self._epoch_order(0)
+        self._orders: dict[int, np.ndarray] = {}
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Sample indices of ``epoch`` in the order its batches take them (the last few epochs'
+        orders are kept: workers building ahead ask for the next epoch's while this one runs)."""
+        order = self._orders.get(epoch)
+        if order is None:
+            order = self._epoch_order(epoch)
+            orders = dict(self._orders)  # replaced whole, so threads reading it never see it change
+            orders[epoch] = order
+            self._orders = {key: orders[key] for key in sorted(orders)[-4:]}
+        return order
+
+    def __getitem__(self, index: int):
+        if index >= len(self):
+            raise IndexError(f"batch {index} of {len(self)}")
+        return self.batch_at(self.epoch, index)
+
+    def batch_at(self, epoch: int, index: int):
+        """Batch ``index`` of ``epoch``: a pure function of its arguments, so any worker may build
+        any batch at any time (ahead of the step that takes it) and get the same arrays."""
+        raise NotImplementedError
 
     def positions(self, index: int) -> range:
         """Positions in the epoch's order of batch ``index`` -- in a multi-process job, of this
         process's slice of that global batch (each process builds only its own rows)."""
         start = index * self.batch_size
-        stop = min(start + self.batch_size, len(self._order))
+        stop = min(start + self.batch_size, len(self.order(self.epoch)))
         shard, count = self.shard
         if count == 1:
             return range(start, stop)
@@ -112,7 +133,6 @@ class SeededEpochs:
     def set_epoch(self, epoch: int) -> None:
         """Jump to an epoch (a resumed run continues with that epoch's order and augmentation)."""
         self.epoch = int(epoch)
-        self._order = self._epoch_order(self.epoch)
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
         return epoch_order(len(self.ids), epoch, seed=self.seed, shuffle=self.shuffle,

@@ -29,20 +29,6 @@ def set_determinism(seed: int, deterministic: bool) -> None:
         tf.config.experimental.enable_op_determinism()
 
 
-def set_mixed_precision(enabled: bool) -> str:
-    """float16 compute on GPUs, bfloat16 elsewhere (CPU/TPU); float32 when disabled."""
-    if not enabled:
-        policy = "float32"
-    elif keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        policy = "mixed_float16" if tf.config.list_physical_devices("GPU") else "mixed_bfloat16"
-    else:
-        policy = "mixed_bfloat16"
-    keras.mixed_precision.set_global_policy(policy)
-    return policy
-
-
 STRATEGIES = ("auto", "default", "mirrored")
 MULTI_WORKER_TF = (
     "TF_CONFIG names a cluster of several workers, but MultiWorkerMirroredStrategy cannot train Keras 3 models: "

@@ -32,6 +32,7 @@ from kseg.core.config import Config
 from kseg.core.errors import ConfigError
 from kseg.core.fileio import atomic_write_text
 from kseg.core.log import get_logger
+from kseg.data.feeder import PrefetchedBatches
 from kseg.data.split import split_ids
 from kseg.engine import snapshots
 from kseg.engine.callbacks import (
@@ -44,10 +45,10 @@ from kseg.engine.distribute import (
     initialize_processes,
     is_chief,
     set_determinism,
-    set_mixed_precision,
     share_chief_file,
     strategy_scope,
 )
+from kseg.engine.precision import set_mixed_precision
 from kseg.engine.snapshots import EpochSnapshots
 from kseg.engine.tf_data import variable_size_input
 from kseg.metrics.evaluators import evaluate
@@ -173,7 +174,8 @@ def train(cfg: Config, run_dir: Path | None = None,
     start = time.perf_counter()
     t = cfg.train
     set_determinism(int(t.seed), bool(t.deterministic))
-    policy = set_mixed_precision(bool(t.mixed_precision))
+    policy, why = set_mixed_precision(t.mixed_precision)
+    policy = f"{policy} ({why})"
     ids, groups = task.prepare()
     train_ids, valid_ids = split_ids(cfg, ids, groups)
     run, lock, _ = open_run(cfg, run_dir)
@@ -235,9 +237,17 @@ def _fit(cfg: Config, task: Task, run: Path, lock: runs.RunLock, start: float, p
         else:
             log.info(f"{replicas} replicas: no val_loss (whole-image validation batches hold one image); {monitor} "
                      "is computed as usual")
+    # Batches that can be built by epoch and index are built ahead by workers that live for the
+    # whole run; they draw each epoch's batch order as Keras' own shuffling would.
+    fed = PrefetchedBatches.of(built.batches) if hasattr(built.batches, "batch_at") else None
     restored.apply_random_state()
-    history = built.training.fit(built.batches, validation_data=validation, epochs=int(t.epochs),
-                                 initial_epoch=restored.epoch, callbacks=callbacks, verbose=int(t.verbose))
+    try:
+        history = built.training.fit(fed or built.batches, shuffle=fed is None, validation_data=validation,
+                                     epochs=int(t.epochs), initial_epoch=restored.epoch, callbacks=callbacks,
+                                     verbose=int(t.verbose))
+    finally:
+        if fed is not None:
+            fed.close()
 
     share_chief_file(run / runs.BEST)  # every process scores the chief's best checkpoint
     best = load_model(run / runs.BEST) if (run / runs.BEST).is_file() else inference

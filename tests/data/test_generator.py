@@ -111,7 +111,7 @@ def test_steps_per_epoch_repeats_the_samples_in_fresh_permutations(cached):
     crop = build_augmentation("none", crop_size=(32, 32))
     batches = SegmentationBatches(cached, batch_size=2, crop_size=(32, 32), augment=crop, seed=3, steps_per_epoch=6)
     assert len(batches) == 6  # 12 samples from 5 images: fit never runs out of data
-    order = batches._order
+    order = batches.order(batches.epoch)
     assert order.size == 12
     # Every complete pass is a permutation of all five samples; passes differ.
     assert sorted(order[:5]) == sorted(order[5:10]) == list(range(5))
@@ -120,9 +120,9 @@ def test_steps_per_epoch_repeats_the_samples_in_fresh_permutations(cached):
     with pytest.raises(IndexError):
         batches[6]
     again = SegmentationBatches(cached, batch_size=2, crop_size=(32, 32), augment=crop, seed=3, steps_per_epoch=6)
-    np.testing.assert_array_equal(again._order, order)
+    np.testing.assert_array_equal(again.order(again.epoch), order)
     batches.on_epoch_end()
-    assert not np.array_equal(batches._order, order)
+    assert not np.array_equal(batches.order(batches.epoch), order)
 
 
 def test_validation_batches_pad_to_multiple_with_zero_weight(cached):

@@ -94,17 +94,16 @@ class MaskRCNNBatches(SeededEpochs, keras.utils.PyDataset):
         self.rpn_options = dict(rpn_options or {})
         self._init_cache(data.load, file_bytes=lambda i: data.path(i).stat().st_size)
 
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        if index >= len(self):
-            raise IndexError(f"batch {index} of {len(self)}")
-        samples = [self.sample(position) for position in self.positions(index)]
+    def batch_at(self, epoch: int, index: int) -> dict[str, np.ndarray]:
+        samples = [self.sample(position, epoch) for position in self.positions(index)]
         return {key: np.stack([s[key] for s in samples]) for key in samples[0]}
 
-    def sample(self, position: int) -> dict[str, np.ndarray]:
-        """The epoch's ``position``-th sample, augmented and resized, with its targets."""
-
-        arrays = self._load(self.ids[self._order[position]])
-        state = np.random.SeedSequence([self.seed, self.epoch, position])
+    def sample(self, position: int, epoch: int | None = None) -> dict[str, np.ndarray]:
+        """The ``position``-th sample of ``epoch`` (the current one by default), augmented and
+        resized, with its targets."""
+        epoch = self.epoch if epoch is None else epoch
+        arrays = self._load(self.ids[self.order(epoch)[position]])
+        state = np.random.SeedSequence([self.seed, epoch, position])
         augment = self._thread_augment()
         augment.set_random_seed(int(state.generate_state(1)[0]))
         out = augment(image=arrays["image"], mask=arrays["target"].astype(np.int32))

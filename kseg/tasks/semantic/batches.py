@@ -66,24 +66,24 @@ class SegmentationBatches(SeededEpochs, keras.utils.PyDataset):
         self.is_instance = data.kind == "instance"
         self._init_cache(data.load, in_memory=in_memory, file_bytes=lambda i: data.path(i).stat().st_size)
 
-    # -- keras.utils.PyDataset ------------------------------------------------------------------
-    def __getitem__(self, index: int):
-        if index >= len(self):
-            raise IndexError(f"batch {index} of {len(self)}")
-        samples = [self.sample(position) for position in self.positions(index)]
+    # -- batches (keras.utils.PyDataset's __getitem__ is batch_at of the current epoch) ----------
+    def batch_at(self, epoch: int, index: int):
+        samples = [self.sample(position, epoch) for position in self.positions(index)]
         batch = self._collate(samples)
         return self.as_graph_inputs(batch) if self.output == "graph" else batch
 
     # -- pieces ---------------------------------------------------------------------------------
-    def sample(self, position: int) -> dict[str, np.ndarray]:
-        """The image, target and weight of the epoch's ``position``-th sample, augmented."""
-        arrays = self._load(self.ids[self._order[position]])
+    def sample(self, position: int, epoch: int | None = None) -> dict[str, np.ndarray]:
+        """The image, target and weight of the ``position``-th sample of ``epoch`` (the current one
+        by default), augmented."""
+        epoch = self.epoch if epoch is None else epoch
+        arrays = self._load(self.ids[self.order(epoch)[position]])
         image, target = arrays["image"], arrays["target"]
         weight = arrays.get("weight")
         if weight is None:
             weight = np.ones(target.shape, np.float32)
         if self.augment is not None:
-            sample_seed = int(np.random.SeedSequence([self.seed, self.epoch, position]).generate_state(1)[0])
+            sample_seed = int(np.random.SeedSequence([self.seed, epoch, position]).generate_state(1)[0])
             augment = self._thread_augment()
             augment.set_random_seed(sample_seed)
             out = augment(image=image, mask=target, weight=weight)

@@ -146,10 +146,8 @@ class DetectionBatches(SeededEpochs, keras.utils.PyDataset):
         self.variances = tuple(float(v) for v in variances)
         self._init_cache(source.load, in_memory=in_memory, loaded_bytes=lambda sample: sample.image.nbytes)
 
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        if index >= len(self):
-            raise IndexError(f"batch {index} of {len(self)}")
-        samples = [self.sample(position) for position in self.positions(index)]
+    def batch_at(self, epoch: int, index: int) -> dict[str, np.ndarray]:
+        samples = [self.sample(position, epoch) for position in self.positions(index)]
         pairs = [numpy_targets(s["boxes"], s["labels"], self.default_boxes, self.iou_threshold, self.variances)
                  for s in samples]
         return {
@@ -158,13 +156,15 @@ class DetectionBatches(SeededEpochs, keras.utils.PyDataset):
             "target_labels": np.stack([p[1] for p in pairs]),
         }
 
-    def sample(self, position: int) -> dict[str, np.ndarray]:
-        """The augmented, resized image of the epoch's ``position``-th sample and its normalised boxes."""
-        item = self._load(self.ids[self._order[position]])
+    def sample(self, position: int, epoch: int | None = None) -> dict[str, np.ndarray]:
+        """The augmented, resized image of the ``position``-th sample of ``epoch`` (the current one by
+        default) and its normalised boxes."""
+        epoch = self.epoch if epoch is None else epoch
+        item = self._load(self.ids[self.order(epoch)[position]])
         keep = ~np.asarray(item.ignore, bool) if item.ignore is not None else np.ones(len(item.boxes), bool)
         image = item.image if item.image.ndim == 3 else item.image[..., None]
         augment = self._thread_augment()
-        augment.set_random_seed(int(np.random.SeedSequence([self.seed, self.epoch, position]).generate_state(1)[0]))
+        augment.set_random_seed(int(np.random.SeedSequence([self.seed, epoch, position]).generate_state(1)[0]))
         out = augment(image=image, bboxes=np.asarray(item.boxes, np.float32)[keep],
                       labels=np.asarray(item.labels, np.int64)[keep])
         image = out["image"] if out["image"].ndim == 3 else out["image"][..., None]
