@@ -36,7 +36,9 @@ WEIGHT_MAPS = ("unet", "balance", "none")  # kseg.data.preprocess.WEIGHT_MAPS
 CLASS_WEIGHTS = ("balanced", "none")
 ON_ERROR = ("raise", "skip")
 INTENSITY_POLICIES = ("auto", "uint8", "percentile")  # kseg.io.intensity.POLICIES
-AUGMENT_PRESETS = ("none", "flips", "microscopy", "natural")  # kseg.data.augment.PRESETS
+MODALITIES = ("keep", "fluorescence")  # kseg.io.modality.MODALITIES
+AUGMENT_PRESETS = ("none", "flips", "microscopy", "natural", "microscopy_colour",
+                   "microscopy_mixed")  # kseg.data.augment.PRESETS
 TARGET_CHANNELS = ("mask", "border", "center")  # kseg.tasks.semantic.targets.CHANNEL_NAMES
 TARGET_CLASSES = "classes"  # kseg.tasks.semantic.targets.CLASSES
 DETECTION_LOSSES = ("mining", "focal")  # kseg.tasks.ssd.model.MultiboxLossLayer.LOSSES
@@ -248,6 +250,7 @@ class PreprocessSection(Section):
     on_error: choice(ON_ERROR)
     strict_labels: bool
     intensity: choice(INTENSITY_POLICIES)
+    modality: choice(MODALITIES)
     cache_dir: Name
     progress: bool
 

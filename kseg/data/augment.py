@@ -51,11 +51,38 @@ def _natural() -> list[A.BasicTransform]:
     ]
 
 
+def _microscopy_colour() -> list[A.BasicTransform]:
+    """``microscopy`` plus what differs between labs, stains and cameras, so a score holds on image
+    types the training set has few of. Colour transforms move the image only: masks and weights
+    are untouched. (``microscopy`` already varies gamma, brightness and contrast.)"""
+    return _microscopy() + [
+        # Stain batches and scanners shift hue and saturation (H&E from purple to pink); brightness
+        # and contrast jitter mimic exposure. ColorJitter also runs silently on one-channel images.
+        A.ColorJitter(brightness=0.15, contrast=0.15, saturation=0.3, hue=0.05, p=0.4),
+        # Colour is no reliable cue for a nucleus: a share of grey pictures keeps the model from
+        # leaning on it (a one-channel image stays as it is; albumentations warns about that once).
+        A.ToGray(p=0.15),
+        # Uneven illumination and low-contrast exposures: local histogram equalisation.
+        A.CLAHE(clip_limit=(1, 3), tile_grid_size=(8, 8), p=0.15),
+    ]
+
+
+def _microscopy_mixed() -> list[A.BasicTransform]:
+    """``microscopy_colour`` plus inversion, for one model over fluorescence (objects bright) and
+    bright-field or stained images (objects dark) read as they are (``preprocess.modality: keep``):
+    an inverted fluorescence image looks like a bright-field one and vice versa. With
+    ``preprocess.modality: fluorescence`` every image is already light on dark: use
+    ``microscopy_colour`` there."""
+    return _microscopy_colour() + [A.InvertImg(p=0.2)]
+
+
 PRESETS = {
     "none": lambda: [],
     "flips": _flips,
     "microscopy": _microscopy,
     "natural": _natural,
+    "microscopy_colour": _microscopy_colour,
+    "microscopy_mixed": _microscopy_mixed,
 }
 
 

@@ -37,7 +37,7 @@ def train_reader(cfg: Config):
     train = root / section.train if section.train else root
     masks = root / section.masks if section.masks else None
     return open_dataset(section.layout, train, masks=masks, intensity=cfg.preprocess.intensity,
-                        **options)
+                        modality=cfg.preprocess.get("modality", "keep"), **options)
 
 
 def preprocess_settings(cfg: Config) -> PreprocessSettings:

@@ -48,6 +48,7 @@ from kseg.core.fileio import atomic_save_npz, atomic_write_text
 from kseg.core.log import get_logger
 from kseg.data.weights import class_balance_map, unet_weight_map
 from kseg.io.intensity import DECODE_KINDS, check_policy
+from kseg.io.modality import check_modality
 from kseg.io.sample import Sample, preview
 
 CACHE_VERSION = 1
@@ -57,6 +58,9 @@ MODES = ("none", "resize", "pad")
 WEIGHT_MAPS = ("unet", "balance", "none")
 # Settings that change how the work is done but not what is written: kept out of the cache key.
 NON_OUTPUT_SETTINGS = ("n_jobs", "backend", "on_error", "cache_dir", "progress")
+# Settings added after caches were written, at the value that writes what those caches hold: left
+# out of the key (of the settings and of the reader's attributes) at that value, so they stay valid.
+KEY_DEFAULTS = {"modality": "keep"}
 # Sample.integrity kinds the readers note, as the summary warning words them.
 INTEGRITY_KINDS = {
     "rle_missing_value_rows_dropped": "CSV row(s) without a run-length value dropped beside rows "
@@ -102,6 +106,7 @@ class PreprocessSettings:
     progress: bool = True
     strict_labels: bool = False  # a label a reader completed or repaired is an error, not a count
     intensity: str = "auto"  # how the reader decodes images to uint8 (kseg.io.intensity); part of the cache key
+    modality: str = "keep"  # what the reader does to them then (kseg.io.modality); part of the cache key
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -117,6 +122,7 @@ class PreprocessSettings:
         if not isinstance(self.strict_labels, bool):
             raise ConfigError(f"preprocess.strict_labels must be true or false, not {self.strict_labels!r}")
         check_policy(self.intensity)
+        check_modality(self.modality)
         if self.channels not in (1, 3):
             raise ConfigError(f"preprocess.channels must be 1 or 3, not {self.channels}")
         if self.size is not None:
@@ -134,6 +140,9 @@ class PreprocessSettings:
         data = dataclasses.asdict(self)
         for name in NON_OUTPUT_SETTINGS:
             data.pop(name)
+        for name, value in KEY_DEFAULTS.items():
+            if data[name] == value:
+                data.pop(name)
         # strict_labels changes the output only when it leaves samples out (on_error=skip): with
         # on_error=raise a strict run either stops or writes what a lenient one writes, and a
         # lenient cache's summary is checked on a hit. So caches keep their keys.
@@ -180,7 +189,8 @@ def cache_key(reader: Reader, settings: PreprocessSettings, ids: list[str]) -> s
     identity = {
         "version": CACHE_VERSION,
         "reader": type(reader).__qualname__,
-        "reader_args": {k: str(v) for k, v in sorted(vars(reader).items()) if not k.startswith("_")},
+        "reader_args": {k: str(v) for k, v in sorted(vars(reader).items())
+                        if not k.startswith("_") and not (k in KEY_DEFAULTS and v == KEY_DEFAULTS[k])},
         "settings": settings.output_key(),
     }
     digest.update(json.dumps(identity, sort_keys=True).encode())
@@ -350,6 +360,10 @@ def preprocess(reader: Reader, settings: PreprocessSettings, ids: list[str] | No
     if decoding != settings.intensity:
         raise ConfigError(f"the reader decodes images with intensity={decoding!r} but preprocess.intensity is "
                           f"{settings.intensity!r}: open it with open_dataset(..., intensity={settings.intensity!r})")
+    converting = getattr(reader, "modality", settings.modality)
+    if converting != settings.modality:
+        raise ConfigError(f"the reader converts images with modality={converting!r} but preprocess.modality is "
+                          f"{settings.modality!r}: open it with open_dataset(..., modality={settings.modality!r})")
     ids = list(reader.ids() if ids is None else ids)
     if not ids:
         raise DataError("dataset has no samples", getattr(reader, "root", None))
@@ -384,7 +398,7 @@ def preprocess(reader: Reader, settings: PreprocessSettings, ids: list[str] | No
     if skipped:
         _report_skipped(skipped)
     if integrity:
-        _report_integrity(integrity, settings.intensity)
+        _report_integrity(integrity, settings.intensity, settings.modality)
     kept = [i for i in ids if i not in skipped]
     return PreprocessedDataset(directory=directory, ids=kept, kind=manifest["kind"], skipped=skipped,
                                integrity=integrity)
@@ -474,14 +488,15 @@ def split_integrity(integrity: Mapping[str, Any]) -> tuple[dict, dict]:
     return labels, {k: v for k, v in integrity.items() if k in DECODE_KINDS}
 
 
-def _report_integrity(integrity: Mapping[str, Mapping[str, Any]], intensity: str) -> None:
+def _report_integrity(integrity: Mapping[str, Mapping[str, Any]], intensity: str, modality: str = "keep") -> None:
     """One warning listing each kind of label a reader completed or repaired, with its count, and
-    one for what the intensity policy did to the images."""
+    one for what the intensity policy (and ``preprocess.modality``) did to the images."""
     labels, images = split_integrity(integrity)
     log = get_logger("data")
     if images:
         lines = [f"  - {kind}: {describe_integrity(kind, entry)}" for kind, entry in images.items()]
-        log.warning(f"preprocess: images decoded to uint8 under preprocess.intensity={intensity} "
+        also = "" if modality == "keep" else f" and preprocess.modality={modality}"
+        log.warning(f"preprocess: images decoded to uint8 under preprocess.intensity={intensity}{also} "
                     "(see the README's intensity policy):\n" + "\n".join(lines))
     if labels:
         lines = [f"  - {kind}: {describe_integrity(kind, entry)}" for kind, entry in labels.items()]

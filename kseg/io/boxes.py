@@ -254,9 +254,10 @@ class VocBoxReader:
 
     kind = "boxes"
 
-    def __init__(self, images_dir: str | Path, annotations_dir: str | Path, class_names=None, intensity: str = "auto"):
+    def __init__(self, images_dir: str | Path, annotations_dir: str | Path, class_names=None, intensity: str = "auto",
+                 modality: str = "keep"):
         self.images_dir = Path(images_dir)
-        self.images = ImageDecoder(intensity)
+        self.images = ImageDecoder(intensity, modality)
         self.annotations_dir = Path(annotations_dir)
         self._class_names = None if class_names is None else _with_background(class_names, "class_names")
 
@@ -434,9 +435,10 @@ class CocoBoxReader:
 
     kind = "boxes"
 
-    def __init__(self, images_dir: str | Path, annotation_json: str | Path, intensity: str = "auto"):
+    def __init__(self, images_dir: str | Path, annotation_json: str | Path, intensity: str = "auto",
+                 modality: str = "keep"):
         self.images_dir = Path(images_dir)
-        self.images = ImageDecoder(intensity)
+        self.images = ImageDecoder(intensity, modality)
         self.annotation_json = Path(annotation_json)
 
     @property
@@ -550,9 +552,9 @@ class BoxCsvReader:
     kind = "boxes"
 
     def __init__(self, images_dir: str | Path, csv_path: str | Path, image_suffix: str = ".jpg",
-                 class_name: str = "object", intensity: str = "auto"):
+                 class_name: str = "object", intensity: str = "auto", modality: str = "keep"):
         self.images_dir = Path(images_dir)
-        self.images = ImageDecoder(intensity)
+        self.images = ImageDecoder(intensity, modality)
         self.csv_path = Path(csv_path)
         self.image_suffix = str(image_suffix)
         self.class_names = _with_background([class_name], "class_name")

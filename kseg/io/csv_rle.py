@@ -26,6 +26,7 @@ import pandas as pd
 from kseg.codecs import rle
 from kseg.core.errors import ConfigError, DataError
 from kseg.io.intensity import check_policy
+from kseg.io.modality import check_modality
 from kseg.io.sample import (
     Sample,
     image_and_annotation,
@@ -194,6 +195,7 @@ class CsvRleReader:
         rle_column: str | None = None,
         class_column: str | None = None,
         intensity: str = "auto",
+        modality: str = "keep",
     ):
         if order not in ("F", "C"):
             raise ConfigError(f"order={order!r} must be 'F' (column-major: DSB, TGS, Airbus, Severstal) "
@@ -209,6 +211,7 @@ class CsvRleReader:
         self.images_dir = Path(images_dir)
         self.csv_path = Path(csv_path)
         self.intensity = check_policy(intensity)
+        self.modality = check_modality(modality)
         self.order = order
         self.kind = kind
         self.unlisted = unlisted
@@ -278,7 +281,7 @@ class CsvRleReader:
         table = self.table()
         image_path = self.image_path(sample_id)
         integrity: dict[str, dict] = {}
-        image = read_image(image_path, self.intensity, integrity)
+        image = read_image(image_path, self.intensity, integrity, self.modality)
         shape = image.shape[:2]
         rows = table.rows.get(sample_id, ())
         if sample_id not in table.first_line:

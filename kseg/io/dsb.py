@@ -24,6 +24,7 @@ import numpy as np
 
 from kseg.core.errors import ConfigError, DataError
 from kseg.io.intensity import check_policy
+from kseg.io.modality import check_modality
 from kseg.io.sample import (
     Sample,
     check_same_size,
@@ -47,12 +48,14 @@ class DsbReader:
 
     kind = "instance"
 
-    def __init__(self, root_dir: str | Path, overlap: str = "error", intensity: str = "auto"):
+    def __init__(self, root_dir: str | Path, overlap: str = "error", intensity: str = "auto",
+                 modality: str = "keep"):
         if overlap not in OVERLAP:
             raise ConfigError(f"overlap={overlap!r} must be one of {OVERLAP}")
         self.root = Path(root_dir)
         self.overlap = overlap
         self.intensity = check_policy(intensity)
+        self.modality = check_modality(modality)
 
     def __repr__(self) -> str:
         return f"DsbReader({str(self.root)!r})"
@@ -106,7 +109,7 @@ class DsbReader:
     def load(self, sample_id: str) -> Sample:
         image_path = self.image_path(sample_id)
         integrity: dict[str, dict] = {}
-        image = read_image(image_path, self.intensity, integrity)
+        image = read_image(image_path, self.intensity, integrity, self.modality)
         mask_paths = self.mask_paths(sample_id)
         labels = None
         if mask_paths is not None:

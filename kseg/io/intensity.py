@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from kseg.core.errors import ConfigError, DataError
+from kseg.io.modality import MODALITY_KINDS
 
 POLICIES = ("auto", "uint8", "percentile")
 BIT_DEPTHS = (8, 10, 12, 14, 16)
@@ -40,6 +41,7 @@ DECODE_KINDS = {
                                    "(preprocess.intensity=percentile)",
     "images_high_bit_shifted": "16-bit image(s) shifted right by 8 bits (preprocess.intensity=uint8)",
     "images_alpha_only": "RGBA image(s) with constant colour read from their alpha channel",
+    **MODALITY_KINDS,  # what preprocess.modality did after decoding (kseg.io.modality)
 }
 
 Note = Callable[[str, str], None]  # (kind, example) -> None

@@ -21,6 +21,7 @@ import numpy as np
 
 from kseg.core.errors import ConfigError, DataError
 from kseg.io.intensity import check_policy
+from kseg.io.modality import check_modality
 from kseg.io.sample import (
     Sample,
     check_same_size,
@@ -48,9 +49,11 @@ class PairedReader:
         classes: int | Sequence[int] | None = None,
         instances: bool = False,
         intensity: str = "auto",
+        modality: str = "keep",
     ):
         self.images_dir = Path(images_dir)
         self.intensity = check_policy(intensity)
+        self.modality = check_modality(modality)
         self.masks_dir = None if masks_dir is None else Path(masks_dir)
         self.mask_suffix = mask_suffix or ""
         self.binary_threshold = int(binary_threshold)
@@ -158,7 +161,7 @@ class PairedReader:
     def load(self, sample_id: str) -> Sample:
         image_path = self.image_path(sample_id)
         integrity: dict[str, dict] = {}
-        image = read_image(image_path, self.intensity, integrity)
+        image = read_image(image_path, self.intensity, integrity, self.modality)
         mask_path = self.mask_path(sample_id)
         if mask_path is None:
             return Sample(sample_id, image, path=str(image_path), integrity=integrity)

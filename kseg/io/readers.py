@@ -58,11 +58,12 @@ for _layout, (_reader_class, _masks_role) in BOX_LAYOUTS.items():
 
 
 def open_dataset(layout: str, root: str | Path, masks: str | Path | None = None, intensity: str = "auto",
-                 **options) -> Dataset:
+                 modality: str = "keep", **options) -> Dataset:
     """The reader for ``layout`` over ``root`` (training folder or images folder).
 
     ``masks`` is the masks folder (``paired``) or the RLE CSV (``csv_rle``); ``intensity`` the
-    policy images are decoded with (``preprocess.intensity``, see :mod:`kseg.io.intensity`);
+    policy images are decoded with (``preprocess.intensity``, see :mod:`kseg.io.intensity`) and
+    ``modality`` what is done to them then (``preprocess.modality``, see :mod:`kseg.io.modality`);
     ``options`` are the reader's keyword arguments, checked here so a typo in a YAML names the
     accepted ones.
     """
@@ -79,7 +80,7 @@ def open_dataset(layout: str, root: str | Path, masks: str | Path | None = None,
     names = {p.name for p in parameters}
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
     if not takes_any:
-        accepted = {p.name for p in parameters[len(paths):]} - {"intensity"}
+        accepted = {p.name for p in parameters[len(paths):]} - {"intensity", "modality"}
         unknown = sorted(set(options) - accepted)
         if unknown:
             raise ConfigError(f"layout {layout!r} has no option(s) {unknown}; accepted: {sorted(accepted)}")
@@ -88,4 +89,9 @@ def open_dataset(layout: str, root: str | Path, masks: str | Path | None = None,
     elif intensity != "auto":
         raise ConfigError(f"layout {layout!r} decodes its images itself: preprocess.intensity={intensity} cannot "
                           "apply to it; leave it at auto")
+    if "modality" in names or (takes_any and modality != "keep"):  # **options readers made before
+        options["modality"] = modality  # the key hear of it only when it is set
+    elif modality != "keep":
+        raise ConfigError(f"layout {layout!r} decodes its images itself: preprocess.modality={modality} cannot "
+                          "apply to it; leave it at keep")
     return reader_class(*paths, **options)

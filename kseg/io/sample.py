@@ -18,6 +18,7 @@ from kseg.core.errors import DataError
 from kseg.core.log import get_logger
 from kseg.io.intensity import check_policy, to_uint8
 from kseg.io.intensity import describe as describe_decoding
+from kseg.io.modality import check_modality, to_modality
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".gif", ".bmp")
 MACOS_FOLDER = "__MACOSX"
@@ -107,34 +108,40 @@ def check_image(path: str | Path) -> str | None:
             return str(exc).removeprefix(f"{path}: ")
 
 
-def read_image(path: str | Path, intensity: str = "auto", integrity: dict[str, dict] | None = None) -> np.ndarray:
+def read_image(path: str | Path, intensity: str = "auto", integrity: dict[str, dict] | None = None,
+               modality: str = "keep") -> np.ndarray:
     """Read an image as uint8 H x W x C in RGB order (C = 1 for grayscale, alpha dropped).
 
-    ``intensity`` is the policy that maps other depths to uint8 (:mod:`kseg.io.intensity`); what it
-    did is noted in ``integrity`` (a ``Sample.integrity`` mapping) when one is given.
+    ``intensity`` is the policy that maps other depths to uint8 (:mod:`kseg.io.intensity`),
+    ``modality`` what is done to the uint8 image then (:mod:`kseg.io.modality`: ``fluorescence``
+    gives one grey channel, objects bright); what they did is noted in ``integrity`` (a
+    ``Sample.integrity`` mapping) when one is given.
     """
     array = _read_any(Path(path), cv2.IMREAD_UNCHANGED)
     record = None if integrity is None else functools.partial(note, integrity)
     array = to_uint8(array, intensity, path, record)
-    if array.ndim == 2:
-        return array[..., None]
-    return np.ascontiguousarray(array[..., ::-1])  # OpenCV reads BGR
+    image = array[..., None] if array.ndim == 2 else np.ascontiguousarray(array[..., ::-1])  # OpenCV reads BGR
+    return to_modality(image, modality, path, record)
 
 
 class ImageDecoder:
-    """Reads images under one intensity policy and warns the first time each kind of decoding
-    happens (once per dataset, not once per image); ``integrity`` counts them all."""
+    """Reads images under one intensity policy and one ``preprocess.modality``, and warns the first
+    time each kind of decoding happens (once per dataset, not once per image); ``integrity``
+    counts them all."""
 
-    def __init__(self, intensity: str = "auto"):
+    def __init__(self, intensity: str = "auto", modality: str = "keep"):
         self.intensity = check_policy(intensity)
+        self.modality = check_modality(modality)
         self.integrity: dict[str, dict] = {}
 
     def __repr__(self) -> str:  # readers' attributes go into preprocessing cache keys
-        return f"ImageDecoder({self.intensity!r})"
+        if self.modality == "keep":  # as before preprocess.modality existed: caches keep their keys
+            return f"ImageDecoder({self.intensity!r})"
+        return f"ImageDecoder({self.intensity!r}, {self.modality!r})"
 
     def read(self, path: str | Path) -> np.ndarray:
         known = set(self.integrity)
-        image = read_image(path, self.intensity, self.integrity)
+        image = read_image(path, self.intensity, self.integrity, self.modality)
         for kind in self.integrity.keys() - known:
             first = self.integrity[kind]["examples"][0]
             get_logger("data").warning(f"warning: {describe_decoding(kind)}, e.g. {first} (said once per dataset)")

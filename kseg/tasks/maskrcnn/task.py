@@ -145,7 +145,8 @@ class InstanceSubmission:
 
     def __init__(self, cfg: Config, member: LoadedModel):
         self.channels = int(cfg.preprocess.channels)
-        self.images = ImageDecoder(cfg.preprocess.intensity)  # as the run's training images were
+        self.images = ImageDecoder(cfg.preprocess.intensity,  # as the run's training images were
+                                   cfg.preprocess.get("modality", "keep"))
         self.model = member.model
         self.postprocess = {"mask_threshold": float(cfg.detection.mask_threshold),
                             "min_size": int(cfg.postprocess.min_size)}

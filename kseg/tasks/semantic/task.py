@@ -173,7 +173,8 @@ class SemanticSubmission:
         self.predictor = Predictor(members)
         self.num_classes: int | None = None
         self.probabilities: np.ndarray | None = None  # of the last predicted image (kseg predict)
-        self.images = ImageDecoder(cfg.preprocess.intensity)  # as the run's training images were
+        self.images = ImageDecoder(cfg.preprocess.intensity,  # as the run's training images were
+                                   cfg.preprocess.get("modality", "keep"))
 
     def read(self, path: Path) -> np.ndarray:
         return self.images.read(path)

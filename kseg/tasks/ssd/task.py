@@ -177,7 +177,8 @@ class BoxSubmission:
 
     def __init__(self, cfg: Config, member: LoadedModel):
         self.channels = int(cfg.preprocess.channels)
-        self.images = ImageDecoder(cfg.preprocess.intensity)  # as the run's training images were
+        self.images = ImageDecoder(cfg.preprocess.intensity,  # as the run's training images were
+                                   cfg.preprocess.get("modality", "keep"))
         self.model = member.model
 
     def read(self, path: Path) -> np.ndarray:
