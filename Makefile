@@ -28,6 +28,10 @@ KAGGLE   ?=
 # make submit OUTPUT=path/submission.csv writes exactly that file; make predict INPUT=images OUTPUT=folder.
 OUTPUT   ?=
 INPUT    ?=
+CV       ?=
+FOLDS    ?=
+JOBS     ?=
+DEVICES  ?=
 
 # Optional command-line pieces, present only when the variable is set.
 OPTS = --dataset $(DATASET) \
@@ -44,9 +48,10 @@ RUN_OPTS = --dataset $(DATASET) \
            $(foreach r,$(RUN),--run $(r)) \
            $(if $(DATA),--data "$(DATA)") \
            $(foreach s,$(SET),--set $(s))
+CV_OPTS = $(if $(CV),--cv "$(CV)")
 FILE_OPTS = $(if $(TEST_DIR),--test-dir "$(TEST_DIR)")
 
-.PHONY: help setup demo-data preprocess demo train submit predict tune validate evaluate test test-fast lint-imports bench \
+.PHONY: help setup demo-data preprocess demo train cv submit predict tune validate evaluate test test-fast lint-imports bench \
         tensorboard clean clean-cache clean-runs
 
 help:
@@ -54,7 +59,9 @@ help:
 	@echo "  train        train DATASET's pipeline (default: the synthetic demo); resumes an unfinished run"
 	@echo "  submit       predict the test set with the newest run (RUN=dir...), write and validate the CSV (OUTPUT=file)"
 	@echo "  predict      predict INPUT (a folder of images) into PNG masks / label images in OUTPUT (a folder)"
-	@echo "  tune         tune post-processing on the run's validation split"
+	@echo "  cv           train every fold of DATASET (resuming), keep and score the out-of-fold predictions"
+	@echo "               (FOLDS=0,1 JOBS=2 DEVICES=0,1); then make tune CV=dir and make submit CV=dir"
+	@echo "  tune         tune post-processing on the run's validation split (CV=dir: on every OOF prediction)"
 	@echo "  validate     check a submission CSV (FILE=...)"
 	@echo "  evaluate     score a submission CSV against a solution (FILE=..., SOLUTION=...)"
 	@echo "  demo         the data path alone: demo data, preprocessing, one epoch of augmented batches"
@@ -91,11 +98,18 @@ demo: $(STAMP)
 train: $(STAMP)
 	$(PY) -m kseg train $(OPTS)
 
+# Trains every fold of DATASET's pipeline into runs/<dataset>-<model>-cv-<fingerprint>/ (a finished
+# fold is not retrained; an interrupted one resumes), keeps each fold's out-of-fold probabilities and
+# scores them overall and per image group against Otsu.
+cv: $(STAMP)
+	$(PY) -m kseg cv $(OPTS) $(if $(FOLDS),--folds $(FOLDS)) $(if $(JOBS),--jobs $(JOBS)) \
+	    $(if $(DEVICES),--devices $(DEVICES))
+
 # Predicts the test set with the newest finished run of DATASET (and MODEL, or RUN=dir), writes
 # submissions/<dataset>-<run>-<time>.csv and .png (outlines), and fails if the CSV does not validate.
 # KAGGLE=1 uploads it with the kaggle CLI.
 submit: $(STAMP)
-	$(PY) -m kseg submit $(RUN_OPTS) $(FILE_OPTS) $(if $(SAMPLE),--sample "$(SAMPLE)") $(if $(OUTPUT),--output "$(OUTPUT)") \
+	$(PY) -m kseg submit $(RUN_OPTS) $(CV_OPTS) $(FILE_OPTS) $(if $(SAMPLE),--sample "$(SAMPLE)") $(if $(OUTPUT),--output "$(OUTPUT)") \
 	    $(if $(filter 1 yes true,$(KAGGLE)),--kaggle)
 
 # Predicts INPUT (a folder of images, or one image) with the newest finished run (RUN=dir) into OUTPUT
@@ -107,7 +121,7 @@ predict: $(STAMP)
 # Tunes threshold and minimum object size on the run's validation split -> runs/<run>/postprocess.json,
 # which make submit then uses in preference to the config's postprocess section.
 tune: $(STAMP)
-	$(PY) -m kseg tune $(RUN_OPTS)
+	$(PY) -m kseg tune $(RUN_OPTS) $(CV_OPTS)
 
 validate: $(STAMP)
 	$(PY) -m kseg validate $(if $(FILE),"$(FILE)") $(OPTS) $(FILE_OPTS) $(if $(SAMPLE),--sample "$(SAMPLE)")

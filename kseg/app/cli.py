@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from kseg import __version__
+from kseg.app.cv import OOF_SCORES, cross_validate, submission_runs, tune_cv
 from kseg.app.evaluate import evaluate_submission
 from kseg.app.predict import PROBABILITIES_SUFFIX, predict_images
 from kseg.app.tune import tune_postprocess
@@ -99,6 +101,26 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_cv(args) -> int:
+    """Train every fold (resuming), keep the out-of-fold predictions and score them."""
+    numbers = [int(v) for v in args.folds.split(",")] if args.folds else None
+    devices = [d for d in args.devices.split(",") if d.strip()] if args.devices else None
+    result = cross_validate(_config(args), folds=numbers, jobs=args.jobs, devices=devices,
+                            progress=not getattr(args, "quiet", False))
+    print(f"cv folder: {result.folder}")
+    print_oof(result.scores)
+    return 0
+
+
+def print_oof(scores: dict) -> None:
+    print(f"out-of-fold {scores['metric']} on {scores['images']} images ({scores['checkpoint']} checkpoints, "
+          f"post-processing {scores['postprocess']}): {scores['score']:.4f}; Otsu on the same images "
+          f"{scores['otsu']:.4f}")
+    for name, kind in (("folds", "fold"), ("groups", "group")):
+        for key, entry in scores[name].items():
+            print(f"  {kind} {key}: {entry['score']:.4f} (Otsu {entry['otsu']:.4f}) on {entry['images']} images")
+
+
 def cmd_models(args) -> int:
     print("\n".join(list_models()))
     return 0
@@ -181,8 +203,13 @@ def _newest_submission(cfg):
 def cmd_submit(args) -> int:
     """Predict the test set with the newest (or given) run(s), write and validate the CSV."""
 
-    run_dirs = _find_runs(args)
-    result = make_submission(run_dirs, overrides=args.overrides, test_dir=args.test_dir, sample=args.sample,
+    overrides = list(args.overrides)
+    if args.cv:
+        run_dirs, tuned = submission_runs(Path(args.cv))
+        overrides = [*tuned, *overrides]
+    else:
+        run_dirs = _find_runs(args)
+    result = make_submission(run_dirs, overrides=overrides, test_dir=args.test_dir, sample=args.sample,
                              out_dir=args.out_dir, data_root=args.data, progress=not args.quiet, output=args.output)
     report = result.report
     print(f"run(s): {', '.join(str(r) for r in result.runs)}")
@@ -191,7 +218,7 @@ def cmd_submit(args) -> int:
     if result.sheet:
         print(f"contact sheet: {result.sheet}")
     if args.kaggle:
-        competition = run_config(run_dirs[0], args.overrides).submission.competition
+        competition = run_config(run_dirs[0], overrides).submission.competition
         kaggle_submit(result.csv, competition, args.message or f"kseg {result.csv.stem}")
     return 0
 
@@ -250,6 +277,17 @@ def cmd_tune(args) -> int:
     """Tune post-processing on the run's validation split; saves runs/<run>/postprocess.json."""
 
     numbers = lambda text, kind: [kind(v) for v in text.split(",")] if text else None  # noqa: E731
+    if args.cv:
+        record = tune_cv(Path(args.cv), overrides=args.overrides, thresholds=numbers(args.thresholds, float),
+                         min_sizes=numbers(args.min_sizes, int),
+                         methods=args.methods.split(",") if args.methods else None, progress=not args.quiet)
+        print(f"{record['metric']} on {record['images']} out-of-fold images of folds {record['folds']}: "
+              f"{record['config_score']:.4f} with the config's post-processing, {record['score']:.4f} tuned")
+        for method, entry in record["methods"].items():
+            print(f"  best with {method}: {entry['score']:.4f} {entry['params']}")
+        print(f"tuned post-processing: {record['params']} -> {Path(args.cv) / 'postprocess.json'}")
+        print_oof(json.loads((Path(args.cv) / OOF_SCORES).read_text()))
+        return 0
     run = _find_runs(args)[0]
     record = tune_postprocess(run, overrides=args.overrides, thresholds=numbers(args.thresholds, float),
                               min_sizes=numbers(args.min_sizes, int),
@@ -293,6 +331,15 @@ def build_parser() -> argparse.ArgumentParser:
         _add_pipeline_options(sub)
         sub.set_defaults(func=func)
 
+    cv = commands.add_parser("cv", help="train every fold (resuming), keep and score the out-of-fold predictions")
+    _add_pipeline_options(cv)
+    cv.add_argument("--folds", default=None, help="comma-separated folds to train (default: all split.n_folds)")
+    cv.add_argument("--jobs", type=int, default=1, help="folds trained at once, as separate processes (default 1)")
+    cv.add_argument("--devices", default=None,
+                    help="comma-separated GPU ids: one fold job per GPU, each seeing only its own")
+    cv.add_argument("--quiet", action="store_true", help="no progress bars")
+    cv.set_defaults(func=cmd_cv)
+
     def run_options(sub):
         sub.add_argument("--run", action="append", default=[], metavar="DIR",
                          help="run directory (repeat, or comma-separate, to average several runs, e.g. folds); "
@@ -312,6 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--output", default=None, metavar="CSV",
                         help="write exactly this CSV (e.g. /kaggle/working/submission.csv); the contact sheet "
                              "goes beside it as .png")
+    submit.add_argument("--cv", default=None, metavar="DIR",
+                        help="a CV folder (make cv): ensemble its folds with its out-of-fold-tuned post-processing")
     submit.add_argument("--kaggle", action="store_true", help="upload with the kaggle CLI afterwards")
     submit.add_argument("--message", default=None, help="Kaggle submission message")
     submit.set_defaults(func=cmd_submit)
@@ -330,6 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--min-sizes", default=None, help="comma-separated minimum object sizes (pixels)")
     tune.add_argument("--methods", default=None, help="comma-separated methods: components,distance,markers")
     tune.add_argument("--limit", type=int, default=None, help="use only the first N validation images")
+    tune.add_argument("--cv", default=None, metavar="DIR",
+                      help="a CV folder (make cv): tune on every out-of-fold prediction instead of one run")
     tune.set_defaults(func=cmd_tune)
 
     def file_options(sub):

@@ -56,12 +56,8 @@ def tune_postprocess(run_dir: str | Path, overrides: Sequence[str] = (), thresho
                      min_sizes: Sequence[int] | None = None, marker_thresholds: Sequence[float] | None = None,
                      methods: Sequence[str] | None = None, limit: int | None = None,
                      progress: bool = True) -> dict:
-    """Grid-search post-processing on the validation split; write and return ``postprocess.json``.
-
-    For each method (default: every instance-separation method the model's channels allow),
-    threshold x min_size are searched jointly; for ``markers`` the marker threshold is then searched
-    with the best pair fixed. The best setting of each method is kept in the record's ``methods``.
-    """
+    """Grid-search post-processing (:func:`search_postprocess`) on the run's validation split; write
+    and return ``postprocess.json``."""
     run_dir = Path(run_dir)
     run_cfg = run_config(run_dir, overrides)
     model_name = run_cfg.model.name
@@ -70,8 +66,6 @@ def tune_postprocess(run_dir: str | Path, overrides: Sequence[str] = (), thresho
         raise ConfigError(task.tuning_hint.format(run=run_dir.name, model=model_name))
     member = load_run(run_dir, overrides=overrides, checkpoint=str(run_cfg.predict.checkpoint))
     cfg = member.cfg
-    fmt = get_format(cfg.submission.format)
-    targets_spec = cfg.generator.targets
     reader, valid_ids = validation_split(cfg)
     if limit:
         valid_ids = valid_ids[:int(limit)]
@@ -82,7 +76,32 @@ def tune_postprocess(run_dir: str | Path, overrides: Sequence[str] = (), thresho
     for sample_id in tqdm(valid_ids, desc="validation predictions", unit="img", disable=not progress, file=sys.stderr):
         sample = reader.load(sample_id)
         cases.append((sample.target, predictor.predict(sample.image)))
+    found = search_postprocess(cases, cfg, thresholds=thresholds, min_sizes=min_sizes,
+                               marker_thresholds=marker_thresholds, methods=methods, progress=progress)
+    record = {
+        **found,
+        "images": len(valid_ids),
+        "split": {"n_folds": cfg.split.n_folds, "fold": cfg.split.fold, "seed": cfg.split.seed},
+        "checkpoint": member.checkpoint,
+        "tta": list(predictor.tta),
+        "tuned": datetime.now().isoformat(timespec="seconds"),
+    }
+    atomic_write_text(run_dir / TUNED_NAME, json.dumps(record, indent=1))
+    return record
 
+
+def search_postprocess(cases: Sequence[tuple[np.ndarray, np.ndarray]], cfg, *, thresholds=None, min_sizes=None,
+                       marker_thresholds=None, methods=None, progress: bool = True) -> dict:
+    """The best post-processing for ``cases`` (truth, probabilities) under ``cfg``'s format and
+    targets: ``params``, ``score``, ``config_score`` (the config's own values), the best of each
+    method and every setting tried (``grid``).
+
+    For each method (default: every instance-separation method the model's channels allow),
+    threshold x min_size are searched jointly; for ``markers`` the marker threshold is then searched
+    with the best pair fixed. The config's values are tried first and ties keep the earlier setting.
+    """
+    fmt = get_format(cfg.submission.format)
+    targets_spec = cfg.generator.targets
     evaluator = MeanScore(functools.partial(score_image, metric=fmt.metric), fmt.metric)
 
     def mean_score(params: dict) -> float:
@@ -128,19 +147,5 @@ def tune_postprocess(run_dir: str | Path, overrides: Sequence[str] = (), thresho
         if method_score > best_score:
             best, best_score = method_best, method_score
     bar.close()
-    record = {
-        "params": best,
-        "score": best_score,
-        "config_score": config_score,
-        "methods": per_method,
-        "metric": fmt.metric,
-        "format": fmt.name,
-        "images": len(valid_ids),
-        "split": {"n_folds": cfg.split.n_folds, "fold": cfg.split.fold, "seed": cfg.split.seed},
-        "checkpoint": member.checkpoint,
-        "tta": list(predictor.tta),
-        "tuned": datetime.now().isoformat(timespec="seconds"),
-        "grid": scores,
-    }
-    atomic_write_text(run_dir / TUNED_NAME, json.dumps(record, indent=1))
-    return record
+    return {"params": best, "score": best_score, "config_score": config_score, "methods": per_method,
+            "metric": fmt.metric, "format": fmt.name, "grid": scores}
