@@ -48,7 +48,7 @@ from kseg.engine.distribute import (
     share_chief_file,
     strategy_scope,
 )
-from kseg.engine.precision import set_mixed_precision
+from kseg.engine.precision import mixed_precision
 from kseg.engine.snapshots import EpochSnapshots
 from kseg.engine.tf_data import variable_size_input
 from kseg.metrics.evaluators import evaluate
@@ -174,13 +174,12 @@ def train(cfg: Config, run_dir: Path | None = None,
     start = time.perf_counter()
     t = cfg.train
     set_determinism(int(t.seed), bool(t.deterministic))
-    policy, why = set_mixed_precision(t.mixed_precision)
-    policy = f"{policy} ({why})"
     ids, groups = task.prepare()
     train_ids, valid_ids = split_ids(cfg, ids, groups)
     run, lock, _ = open_run(cfg, run_dir)
     try:
-        return _fit(cfg, task, run, lock, start, policy, train_ids, valid_ids, extra_callbacks)
+        with mixed_precision(t.mixed_precision) as (policy, why):
+            return _fit(cfg, task, run, lock, start, f"{policy} ({why})", train_ids, valid_ids, extra_callbacks)
     finally:
         lock.release()
         if not is_chief():

@@ -18,7 +18,9 @@ small float16 gradients do not underflow.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from pathlib import Path
 
 import keras
@@ -110,6 +112,18 @@ def detect_hardware() -> Hardware:
             capability = getattr(device, "compute_capability", None)
             return Hardware("gpu", tuple(int(p) for p in str(capability).split(".")[:2]) if capability else None)
     return Hardware("cpu", cpu_flags=cpu_flags())
+
+
+@contextlib.contextmanager
+def mixed_precision(setting, hardware: Hardware | None = None) -> Iterator[tuple[str, str]]:
+    """Keras' global dtype policy for ``setting`` while the block runs (a training run), the
+    caller's policy again afterwards: models a notebook builds after ``train`` are not silently
+    half precision. Yields the policy and why it was chosen."""
+    previous = keras.config.dtype_policy()
+    try:
+        yield set_mixed_precision(setting, hardware)
+    finally:
+        keras.config.set_dtype_policy(previous)
 
 
 def set_mixed_precision(setting, hardware: Hardware | None = None) -> tuple[str, str]:

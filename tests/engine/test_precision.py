@@ -11,6 +11,7 @@ from kseg.engine.precision import (
     Hardware,
     choose_policy,
     cpu_flags,
+    mixed_precision,
     set_mixed_precision,
 )
 
@@ -80,3 +81,11 @@ def test_the_policy_is_set_and_float16_training_scales_the_loss(restore_policy):
     assert model.layers[0].compute_dtype == "float16" and model.layers[0].variable_dtype == "float32"
     model.fit(np.ones((4, 4), np.float32), np.zeros((4, 2), np.float32), epochs=1, verbose=0)
     assert set_mixed_precision("off", PLAIN_CPU)[0] == keras.config.dtype_policy().name == "float32"
+
+
+def test_the_policy_holds_only_while_training(restore_policy):
+    keras.config.set_dtype_policy("float32")
+    with mixed_precision("bfloat16", PLAIN_CPU) as (policy, why):
+        assert policy == keras.config.dtype_policy().name == "mixed_bfloat16"
+        assert why == "train.mixed_precision: bfloat16"
+    assert keras.config.dtype_policy().name == "float32"  # a notebook's next model is float32 again
