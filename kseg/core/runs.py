@@ -33,7 +33,7 @@ from kseg.core.fileio import atomic_write_text
 CONFIG = "config.yaml"  # the resolved config the run trained with
 # Settings added since some runs were trained, with the value that reproduces how those runs
 # worked; ``_base.yaml``'s default applies to new runs only.
-LEGACY_DEFAULTS = {("preprocess", "intensity"): "uint8"}
+LEGACY_DEFAULTS = {("preprocess", "intensity"): "uint8", ("augment", "seeding"): "shared"}
 STATUS = "status.json"  # running | finished, and the fingerprint that a resume must match
 BEST = "best.keras"  # inference model of the best monitored epoch
 LAST = "last.keras"  # inference model of the last epoch

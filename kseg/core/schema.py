@@ -50,6 +50,7 @@ METRICS = ("iou_map", "f2", "tgs_iou_map", "dice")  # kseg.metrics.scores.METRIC
 TRAIN_METRICS = ("auto", "class_iou", *METRICS)
 STRATEGIES = ("auto", "default", "mirrored")  # kseg.engine.distribute.STRATEGIES
 PRECISIONS = ("auto", "on", "off", "bfloat16", "float16")  # kseg.engine.precision
+AUGMENT_SEEDINGS = ("independent", "shared")  # kseg.data.augment.SEEDINGS
 VERBOSITY = (0, 1, 2)
 CHECKPOINTS = ("best", "last")  # kseg.tasks.base.CHECKPOINTS
 TTA_PRESETS = ("none", "flips", "rotations", "d4")  # kseg.tasks.semantic.predictor.TTA_PRESETS
@@ -257,6 +258,7 @@ class PreprocessSection(Section):
 
 class AugmentSection(Section):
     pipeline: Annotated[Any, BeforeValidator(_augment_pipeline)]
+    seeding: choice(AUGMENT_SEEDINGS)
 
 
 class GeneratorSection(Section):

@@ -19,10 +19,48 @@ from typing import Any
 
 import albumentations as A
 import cv2
+import numpy as np
 
 from kseg.core.errors import ConfigError
 
 ADDITIONAL_TARGETS = {"weight": "mask"}
+SEEDINGS = ("independent", "shared")
+
+
+class IndependentlySeeded(A.Compose):
+    """A ``Compose`` whose ``set_random_seed`` gives every transform, nested ones too, a seed of its
+    own drawn from ``SeedSequence(seed)``.
+
+    albumentations 2.0 hands each transform the pipeline's own seed, so their random draws
+    coincide: a horizontal and a vertical flip of p=0.5 fire together or not at all (only the
+    180-degree turn is ever seen), and all the transforms of a preset fire on the same samples and
+    are all off on the others. The batch classes seed the pipeline per sample, so this mattered on
+    every sample of every run before ``augment.seeding`` existed.
+    """
+
+    def set_random_seed(self, seed: int | None) -> None:
+        super().set_random_seed(seed)
+        if seed is None:
+            return
+        nested = list(_nested_transforms(self))  # parents before their children, which they reseed
+        for transform, state in zip(nested, np.random.SeedSequence(int(seed)).generate_state(len(nested))):
+            transform.set_random_seed(int(state))
+
+
+def _nested_transforms(pipeline: A.BaseCompose):
+    for transform in pipeline.transforms:
+        yield transform
+        if isinstance(transform, A.BaseCompose):  # OneOf, SomeOf, Sequential (not a transform's own parts)
+            yield from _nested_transforms(transform)
+
+
+def compose(transforms: Sequence[A.BasicTransform], *, seeding: str = "independent", **kwargs) -> A.Compose:
+    """``A.Compose(transforms, **kwargs)`` seeded as ``augment.seeding`` says: ``independent`` (each
+    transform its own draw, :class:`IndependentlySeeded`) or ``shared`` (albumentations' own
+    seeding, what runs trained before the option used)."""
+    if seeding not in SEEDINGS:
+        raise ConfigError(f"augment.seeding must be one of {', '.join(SEEDINGS)}, not {seeding!r}")
+    return (IndependentlySeeded if seeding == "independent" else A.Compose)(list(transforms), **kwargs)
 
 
 def _flips() -> list[A.BasicTransform]:
@@ -105,6 +143,7 @@ def build_augmentation(
     pipeline: str | Sequence[Mapping[str, Any]] | None = "microscopy",
     crop_size: tuple[int, int] | None = None,
     seed: int | None = None,
+    seeding: str = "independent",
 ) -> A.Compose:
     """A ``Compose`` with the weight map as an extra mask target.
 
@@ -128,4 +167,4 @@ def build_augmentation(
         transforms = [crop, *transforms]
         if height != width:
             transforms.append(A.CenterCrop(height, width, p=1.0))
-    return A.Compose(transforms, additional_targets=dict(ADDITIONAL_TARGETS), seed=seed)
+    return compose(transforms, seeding=seeding, additional_targets=dict(ADDITIONAL_TARGETS), seed=seed)

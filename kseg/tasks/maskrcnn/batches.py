@@ -24,14 +24,14 @@ import keras
 import numpy as np
 
 from kseg.core.boxes import normalised_boxes
-from kseg.data.augment import build_augmentation
+from kseg.data.augment import build_augmentation, compose
 from kseg.data.generator import SeededEpochs
 from kseg.io.boxes import boxes_from_labels
 from kseg.tasks.maskrcnn.rpn import rpn_targets
 
 
 def instance_augmentation(pipeline, input_size: tuple[int, int], *, train: bool, crop_scale=(0.3, 1.0),
-                          seed: int = 0) -> A.Compose:
+                          seed: int = 0, seeding: str = "independent") -> A.Compose:
     """The segmentation preset (training only) then a zoom / resize to ``input_size``; the label
     image is a mask target, so it is resampled by nearest neighbour."""
     height, width = (int(v) for v in input_size)
@@ -41,7 +41,7 @@ def instance_augmentation(pipeline, input_size: tuple[int, int], *, train: bool,
     augment = build_augmentation(pipeline)
     zoom = A.OneOf([A.RandomResizedCrop(size=(height, width), scale=tuple(crop_scale), ratio=(0.75, 4 / 3), p=1.0),
                     resize], p=1.0)
-    return A.Compose([*augment.transforms, zoom], seed=seed)
+    return compose([*augment.transforms, zoom], seeding=seeding, seed=seed)
 
 
 def instance_targets(labels: np.ndarray, max_instances: int, min_pixels: int = 4):

@@ -102,7 +102,7 @@ class MaskRCNNTask(Task):
             self.data, train_ids, input_size=size, anchors=anchors, batch_size=int(cfg.generator.batch_size),
             shuffle=True, max_instances=int(d.max_instances),
             augment=instance_augmentation(cfg.augment.pipeline, size, train=True, crop_scale=tuple(d.crop_scale),
-                                          seed=int(cfg.generator.seed)),
+                                          seed=int(cfg.generator.seed), seeding=cfg.augment.seeding),
             **batch_options(cfg))
         return Built(inference, training, batches, description=f"{len(anchors)} anchors")
 

@@ -128,7 +128,7 @@ def make_batches(cfg: Config, data: PreprocessedDataset, train_ids, valid_ids, *
     common = dict(targets=g.targets, border_width=g.border_width, output=output, pad_multiple=pad_multiple)
     train = SegmentationBatches(
         data, train_ids, batch_size=g.batch_size, crop_size=crop, seed=g.seed, shuffle=True,
-        augment=build_augmentation(cfg.augment.pipeline, crop_size=crop, seed=g.seed),
+        augment=build_augmentation(cfg.augment.pipeline, crop_size=crop, seed=g.seed, seeding=cfg.augment.seeding),
         workers=g.workers, use_multiprocessing=g.use_multiprocessing, max_queue_size=g.max_queue_size,
         steps_per_epoch=cfg.train.get("steps_per_epoch"), **common)
     valid = SegmentationBatches(data, valid_ids, batch_size=1, crop_size=None, shuffle=False, seed=g.seed, **common)

@@ -28,7 +28,7 @@ import numpy as np
 
 from kseg.core.boxes import normalised_boxes
 from kseg.core.errors import ConfigError
-from kseg.data.augment import build_augmentation
+from kseg.data.augment import build_augmentation, compose
 from kseg.data.generator import SeededEpochs
 from kseg.io.boxes import BoxSample, boxes_from_labels
 from kseg.nn import box_ops
@@ -90,7 +90,7 @@ def box_safe_transforms(pipeline: str | Sequence[Mapping[str, Any]] | None) -> l
 
 
 def detection_augmentation(pipeline, input_size: tuple[int, int], *, train: bool, crop_scale=(0.3, 1.0),
-                           min_visibility: float = 0.3, seed: int = 0) -> A.Compose:
+                           min_visibility: float = 0.3, seed: int = 0, seeding: str = "independent") -> A.Compose:
     """Augmentation (training only) then the resize to ``input_size``, with boxes following.
 
     Training ends in a zoom: half of the samples are a random crop of ``crop_scale`` of the
@@ -104,8 +104,9 @@ def detection_augmentation(pipeline, input_size: tuple[int, int], *, train: bool
         ], p=1.0)]
     else:
         transforms = [A.Resize(height, width)]
-    return A.Compose(
+    return compose(
         transforms,
+        seeding=seeding,
         bbox_params=A.BboxParams(format="pascal_voc", label_fields=["labels"], min_visibility=min_visibility,
                                  clip=True, filter_invalid_bboxes=True),
         seed=seed,

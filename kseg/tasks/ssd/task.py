@@ -135,7 +135,8 @@ class SsdTask(Task):
             self.source, train_ids, input_size=size, default_boxes=default_boxes,
             iou_threshold=float(d.iou_threshold), batch_size=int(cfg.generator.batch_size), shuffle=True,
             augment=detection_augmentation(cfg.augment.pipeline, size, train=True, crop_scale=tuple(d.crop_scale),
-                                           min_visibility=float(d.min_visibility), seed=int(cfg.generator.seed)),
+                                           min_visibility=float(d.min_visibility), seed=int(cfg.generator.seed),
+                                           seeding=cfg.augment.seeding),
             **batch_options(cfg))
         return Built(inference, training, batches, description=f"{len(default_boxes)} default boxes")
 
