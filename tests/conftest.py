@@ -51,3 +51,27 @@ def demo_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("demo")
     write_demo_dataset(root, seed=3, n_train=10, n_test=2)
     return root
+
+
+@pytest.fixture
+def golden_run():
+    """``copy(folder, family, key, value)``: a copy of a committed golden run (``tests/golden``) in
+    ``folder`` whose config.yaml says ``preprocess.<key>: value``, or says nothing of the key when
+    ``value`` is None (as runs saved before the key existed)."""
+    import shutil
+
+    import yaml
+
+    from kseg.core.runs import CONFIG
+
+    def copy(folder: Path, family: str, key: str, value) -> Path:
+        run = Path(folder) / family
+        shutil.copytree(Path(__file__).resolve().parent / "golden" / family, run)
+        saved = yaml.safe_load((run / CONFIG).read_text())
+        assert key not in saved["preprocess"]
+        if value is not None:
+            saved["preprocess"][key] = value
+            (run / CONFIG).write_text(yaml.safe_dump(saved, sort_keys=False))
+        return run
+
+    return copy

@@ -4,42 +4,25 @@ keep the decoding they were trained with (16-bit shifted right by 8 bits)."""
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-import yaml
 from fixtures_datasets import nuclei_12bit, paired_12bit
 
 from kseg.app.predict import open_prediction
-from kseg.core.runs import CONFIG, run_config
+from kseg.core.runs import run_config
 from kseg.io.readers import open_dataset
 
-GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 FAMILIES = ("unet", "ssd", "maskrcnn")
-
-
-def run_with_policy(tmp_path: Path, family: str, policy: str | None) -> Path:
-    """A copy of a committed run whose config.yaml says ``preprocess.intensity: policy`` (as a run
-    trained with it records), or says nothing (as runs saved before the key existed)."""
-    run = tmp_path / family
-    shutil.copytree(GOLDEN / family, run)
-    saved = yaml.safe_load((run / CONFIG).read_text())
-    assert "intensity" not in saved["preprocess"]
-    if policy is not None:
-        saved["preprocess"]["intensity"] = policy
-        (run / CONFIG).write_text(yaml.safe_dump(saved, sort_keys=False))
-    return run
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("policy", ["auto", "percentile"])
-def test_test_images_decode_as_the_training_images_did(family, policy, tmp_path):
+def test_test_images_decode_as_the_training_images_did(family, policy, tmp_path, golden_run):
     images, masks = paired_12bit(tmp_path / "data", n=2)
     training = open_dataset("paired", images, masks, intensity=policy)  # what preprocessing reads
-    submission, _ = open_prediction([run_with_policy(tmp_path, family, policy)])
+    submission, _ = open_prediction([golden_run(tmp_path, family, "intensity", policy)])
     for sample_id in training.ids():
         trained_on = training.load(sample_id).image
         predicted_from = submission.read(images / f"{sample_id}.png")
@@ -49,8 +32,8 @@ def test_test_images_decode_as_the_training_images_did(family, policy, tmp_path)
     assert len(np.unique(trained_on)) > 16  # more than a 12-bit image keeps after ">> 8"
 
 
-def test_runs_saved_before_the_policy_keep_their_decoding(tmp_path):
-    run = run_with_policy(tmp_path, "unet", None)
+def test_runs_saved_before_the_policy_keep_their_decoding(tmp_path, golden_run):
+    run = golden_run(tmp_path, "unet", "intensity", None)
     assert run_config(run).preprocess.intensity == "uint8"
     image, _ = nuclei_12bit()
     path = tmp_path / "test.png"

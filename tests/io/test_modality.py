@@ -4,19 +4,17 @@ the groups of the real DSB 2018 sample as checked by eye."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-import yaml
 from fixtures_datasets import imwrite
 
 from kseg.core import schema
 from kseg.core.config import load_config
 from kseg.core.errors import ConfigError
-from kseg.core.runs import CONFIG, run_config
+from kseg.core.runs import run_config
 from kseg.data.preprocess import PreprocessSettings, cache_key, preprocess
 from kseg.io import modality
 from kseg.io.dsb import DsbReader
@@ -31,7 +29,6 @@ from kseg.io.readers import open_dataset
 from kseg.io.sample import ImageDecoder, read_image
 
 SHAPE = (40, 50)
-GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 
 
 def discs(background, foreground, shape=SHAPE, channels=3) -> np.ndarray:
@@ -273,25 +270,12 @@ def test_the_config_key_validates_and_defaults_to_keep():
             in str(caught.value))
 
 
-def run_with_modality(tmp_path: Path, family: str, value: str | None) -> Path:
-    """A copy of a committed run whose config.yaml says ``preprocess.modality: value``, or
-    nothing (as runs saved before the key existed)."""
-    run = tmp_path / family
-    shutil.copytree(GOLDEN / family, run)
-    saved = yaml.safe_load((run / CONFIG).read_text())
-    assert "modality" not in saved["preprocess"]
-    if value is not None:
-        saved["preprocess"]["modality"] = value
-        (run / CONFIG).write_text(yaml.safe_dump(saved, sort_keys=False))
-    return run
-
-
-def test_runs_saved_without_the_key_load_as_keep(tmp_path):
-    assert run_config(run_with_modality(tmp_path, "unet", None)).preprocess.modality == "keep"
+def test_runs_saved_without_the_key_load_as_keep(tmp_path, golden_run):
+    assert run_config(golden_run(tmp_path, "unet", "modality", None)).preprocess.modality == "keep"
 
 
 @pytest.mark.parametrize("family", ["unet", "ssd", "maskrcnn"])
-def test_submit_and_predict_convert_test_images_as_training_did(family, tmp_path):
+def test_submit_and_predict_convert_test_images_as_training_did(family, tmp_path, golden_run):
     from kseg.app.predict import open_prediction
 
     images, masks = tmp_path / "data" / "images", tmp_path / "data" / "masks"
@@ -299,8 +283,8 @@ def test_submit_and_predict_convert_test_images_as_training_did(family, tmp_path
         imwrite(images / f"{sample_id}.png", image)
         imwrite(masks / f"{sample_id}.png", inside_discs().astype(np.uint8) * 255)
     training = open_dataset("paired", images, masks, modality="fluorescence")  # what preprocessing reads
-    submission, _ = open_prediction([run_with_modality(tmp_path, family, "fluorescence")])
-    kept, _ = open_prediction([run_with_modality(tmp_path / "kept", family, None)])
+    submission, _ = open_prediction([golden_run(tmp_path, family, "modality", "fluorescence")])
+    kept, _ = open_prediction([golden_run(tmp_path / "kept", family, "modality", None)])
     for sample_id in training.ids():
         trained_on = training.load(sample_id).image
         predicted_from = submission.read(images / f"{sample_id}.png")
