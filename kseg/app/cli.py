@@ -298,6 +298,8 @@ def cmd_tune(args) -> int:
           f"config's post-processing, {record['score']:.4f} tuned")
     for method, entry in record["methods"].items():
         print(f"  best with {method}: {entry['score']:.4f} {entry['params']}")
+    for group, entry in record["groups"].items():
+        print(f"  image group {group}: {entry['score']:.4f} on {entry['images']} images (tuned)")
     print(f"tuned post-processing: {record['params']} -> {run / 'postprocess.json'}")
     return 0
 

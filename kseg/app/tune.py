@@ -27,6 +27,7 @@ from kseg.core.fileio import atomic_write_text
 from kseg.core.runs import run_config
 from kseg.data.pipeline import preprocess_train, train_reader
 from kseg.data.split import fold_strata, split_ids
+from kseg.io.modality import GROUPS, image_group
 from kseg.metrics.evaluators import MeanScore, evaluate
 from kseg.metrics.scores import score_image
 from kseg.submission.formats import get_format
@@ -72,14 +73,16 @@ def tune_postprocess(run_dir: str | Path, overrides: Sequence[str] = (), thresho
     if not valid_ids:
         raise ConfigError("the validation split is empty; nothing to tune on")
     predictor = Predictor([member])
-    cases = []
+    cases, groups = [], []
     for sample_id in tqdm(valid_ids, desc="validation predictions", unit="img", disable=not progress, file=sys.stderr):
         sample = reader.load(sample_id)
         cases.append((sample.target, predictor.predict(sample.image)))
+        groups.append(image_group(sample.image))
     found = search_postprocess(cases, cfg, thresholds=thresholds, min_sizes=min_sizes,
                                marker_thresholds=marker_thresholds, methods=methods, progress=progress)
     record = {
         **found,
+        "groups": group_scores(cases, groups, found["params"], cfg),
         "images": len(valid_ids),
         "split": {"n_folds": cfg.split.n_folds, "fold": cfg.split.fold, "seed": cfg.split.seed},
         "checkpoint": member.checkpoint,
@@ -149,3 +152,14 @@ def search_postprocess(cases: Sequence[tuple[np.ndarray, np.ndarray]], cfg, *, t
     bar.close()
     return {"params": best, "score": best_score, "config_score": config_score, "methods": per_method,
             "metric": fmt.metric, "format": fmt.name, "grid": scores}
+
+
+def group_scores(cases: Sequence[tuple[np.ndarray, np.ndarray]], groups: Sequence[str], params: dict,
+                 cfg) -> dict[str, dict]:
+    """The mean score of ``params`` per image group (``kseg.io.modality.image_group``)."""
+    fmt = get_format(cfg.submission.format)
+    scores = [score_image(truth, probabilities_to_target(probs, fmt, params, cfg.generator.targets), fmt.metric)
+              for truth, probs in cases]
+    return {group: {"images": sum(g == group for g in groups),
+                    "score": float(np.mean([s for s, g in zip(scores, groups) if g == group]))}
+            for group in GROUPS if group in groups}

@@ -26,6 +26,7 @@ from datetime import datetime
 from pathlib import Path
 
 import keras
+import numpy as np
 
 from kseg.core import runs
 from kseg.core.config import Config
@@ -51,6 +52,7 @@ from kseg.engine.distribute import (
 from kseg.engine.precision import mixed_precision
 from kseg.engine.snapshots import EpochSnapshots
 from kseg.engine.tf_data import variable_size_input
+from kseg.io.modality import GROUPS, image_group
 from kseg.metrics.evaluators import evaluate
 from kseg.nn.callbacks import ValidationScore
 from kseg.tasks.base import Task, get_task, load_model
@@ -96,6 +98,30 @@ def score_predictions(task: Task, predictions, truths, prefix: str = "") -> dict
     if len(scores) == 1 and prefix:
         return {prefix: next(iter(scores.values()))}
     return {f"{prefix}_{name}" if prefix else name: value for name, value in scores.items()}
+
+
+def image_groups(images) -> list[str]:
+    """Each validation image's group (``kseg.io.modality.image_group``), from the image as the model
+    sees it (floats in [0, 1] read as 0..255)."""
+    def as_uint8(image):
+        image = np.asarray(image)
+        return image if image.dtype == np.uint8 else np.clip(np.round(image * 255), 0, 255).astype(np.uint8)
+
+    return [image_group(as_uint8(image)) for image in images]
+
+
+def score_groups(task: Task, predictions, truths, groups: list[str]) -> dict[str, float]:
+    """The evaluator's scores per image group (``<name>_<group>``) when the images hold more than one
+    group: a model can gain on fluorescence while it loses on stained tissue."""
+    if len(set(groups)) < 2:
+        return {}
+    scores = {}
+    for group in GROUPS:
+        chosen = [i for i, g in enumerate(groups) if g == group]
+        if chosen:
+            found = score_predictions(task, [predictions[i] for i in chosen], [truths[i] for i in chosen])
+            scores.update({f"{name}_{group}": value for name, value in found.items()})
+    return scores
 
 
 def stuck_at_baseline(history_csv: Path, monitor: str, baselines: dict[str, float],
@@ -210,10 +236,15 @@ def _fit(cfg: Config, task: Task, run: Path, lock: runs.RunLock, start: float, p
     for name, predictions in task.baselines(images, truths).items():
         baselines.update(score_predictions(task, predictions, truths, prefix=name))
     logs_dir = run / runs.LOGS
+    groups = image_groups(images)
+
+    def validation_scores() -> dict[str, float]:
+        predictions = task.predict_many(inference, images)
+        return {**score_predictions(task, predictions, truths), **score_groups(task, predictions, truths, groups)}
+
     callbacks = [
         EpochSync(built.batches),
-        ValidationScore(lambda: score_predictions(task, task.predict_many(inference, images), truths),
-                        every=int(t.score_every)),
+        ValidationScore(validation_scores, every=int(t.score_every)),
         BaselineScores(baselines),
         LearningRateLogger(),
         keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: lock.heartbeat()),

@@ -15,8 +15,9 @@ import pytest
 
 from kseg.core.config import load_config
 from kseg.core.runs import find_resumable_run
-from kseg.engine.fit import train
-from kseg.tasks.base import load_model
+from kseg.data.split import split_ids
+from kseg.engine.fit import image_groups, train
+from kseg.tasks.base import get_task, load_model
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,6 +49,17 @@ def test_run_directory_holds_checkpoints_logs_and_scores(demo_root, tmp_path):
     assert json.loads((run / "status.json").read_text())["state"] == "finished"
     results = json.loads((run / "results.json").read_text())
     assert results["val_score"] == pytest.approx(result.val_score)
+
+    # Per image group: the groups' scores, weighted by their image counts, make the overall score.
+    cfg = tiny_config(demo_root, tmp_path)
+    task = get_task(cfg)
+    ids, strata = task.prepare()
+    images, _ = task.validation(split_ids(cfg, ids, strata)[1])
+    counts = {group: n for group, n in zip(*np.unique(image_groups(images), return_counts=True))}
+    assert len(counts) > 1, "the demo's validation split should hold fluorescence and bright-field images"
+    for row in rows:
+        weighted = sum(n * float(row[f"val_iou_map_{group}"]) for group, n in counts.items()) / sum(counts.values())
+        assert weighted == pytest.approx(float(row["val_iou_map"]), abs=1e-9)
     assert 0.0 <= results["baselines"]["otsu"] <= 1.0
     # The best checkpoint is an image-only model that predicts mask + border probabilities.
     model = keras.saving.load_model(run / "best.keras", compile=False)

@@ -11,7 +11,9 @@ import pytest
 
 from kseg.app import cli
 from kseg.app.evaluate import evaluate_submission
+from kseg.app.tune import validation_split
 from kseg.core.config import load_config
+from kseg.core.runs import run_config
 from kseg.engine.fit import train
 from kseg.io.demo import make_demo_image, write_demo_dataset
 from kseg.io.sample import read_image
@@ -40,6 +42,15 @@ def test_train_tune_submit_validate_evaluate(tmp_path):
     # mask+border output: every separation method is tried and the saved one is the best of them.
     assert set(tuned["methods"]) == {"components", "distance", "markers"}
     assert tuned["score"] == max([tuned["config_score"]] + [m["score"] for m in tuned["methods"].values()])
+    # Image groups: the demo's own record of each image's style says which are fluorescence; the
+    # groups' scores, weighted by their image counts, make the overall score.
+    styles = json.loads((root / "styles.json").read_text())
+    _, valid_ids = validation_split(run_config(run))
+    fluorescence = sum(styles[i] == "fluorescence" for i in valid_ids)
+    groups = tuned["groups"]
+    assert groups.get("fluorescence", {}).get("images", 0) == fluorescence
+    assert sum(e["images"] for e in groups.values()) == 2
+    assert sum(e["images"] * e["score"] for e in groups.values()) / 2 == pytest.approx(tuned["score"], abs=1e-12)
 
     out = tmp_path / "submissions"
     assert cli.main(["submit", "--run", str(run), "--out-dir", str(out), "--quiet"]) == 0
