@@ -19,6 +19,13 @@ for ``--rounds`` rounds (best round kept, so load drifts on all alike):
 * ``kseg, bilinear upsampling``: the training graph with ``upsampling="bilinear"`` (UpSampling2D
   + 1x1 conv instead of transposed convolutions): the cost of that decoder choice.
 
+* ``segmentation_models on tf-keras (peer)``, only when ``segmentation_models`` (qubvel, 1.0.x) and
+  ``tf_keras`` are importable (e.g. ``pip install --target DIR tf_keras segmentation-models
+  keras-applications image-classifiers efficientnet --no-deps`` and ``PYTHONPATH=DIR``): its
+  ``Unet("resnet50")`` on Keras 2 (``TF_USE_LEGACY_KERAS=1``, which changes only ``tf.keras``;
+  kseg uses ``keras``, Keras 3), compiled with the same loss and optimizer. That is the peer
+  competitors use; kseg does not depend on it.
+
 Each line prints images/s and the variant's cost against ``plain`` (positive = slower).
 """
 
@@ -30,8 +37,14 @@ import sys
 import time
 from pathlib import Path
 
+import importlib.util  # noqa: E402
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+PEER = all(importlib.util.find_spec(name) for name in ("segmentation_models", "tf_keras"))
+if PEER:  # before TensorFlow is imported: tf.keras is then Keras 2 (tf_keras); `keras` stays Keras 3
+    os.environ["TF_USE_LEGACY_KERAS"] = "1"
+    os.environ["SM_FRAMEWORK"] = "tf.keras"
 
 import numpy as np  # noqa: E402
 
@@ -97,6 +110,14 @@ def variants(size: int, batch: int) -> dict:
     keras.utils.set_random_seed(0)
     out["kseg, bilinear upsampling"] = (compiled(build_training_model(kseg_unet(size, "bilinear"), loss="bce")),
                                         (graph_batch,))
+    if PEER:
+        import segmentation_models as sm
+        import tf_keras
+
+        tf_keras.utils.set_random_seed(0)
+        peer = sm.Unet("resnet50", encoder_weights=None, input_shape=(size, size, 3), classes=1, activation="sigmoid")
+        peer.compile(optimizer=tf_keras.optimizers.Adam(1e-4), loss="binary_crossentropy")
+        out["segmentation_models on tf-keras (peer)"] = (peer, (x, y))
     return out
 
 
@@ -127,9 +148,12 @@ def main() -> int:
                 model.train_on_batch(*data)
             best[name] = min(best[name], (time.perf_counter() - t0) / args.steps)
     plain = best["plain"]
+    peer = models.get("segmentation_models on tf-keras (peer)")
     print(f"U-Net-ResNet50, {args.size}x{args.size}, batch {args.batch}, float32, XLA off; "
           f"{models['plain'][0].count_params():,} parameters (plain) vs "
-          f"{models['kseg model, compiled loss'][0].count_params():,} (kseg)")
+          f"{models['kseg model, compiled loss'][0].count_params():,} (kseg)"
+          + (f" vs {peer[0].count_params():,} (peer)" if peer else "; the peer (segmentation_models on tf-keras) "
+             "is not installed"))
     for name, seconds in best.items():
         print(f"{name:28s} {args.batch / seconds:6.2f} images/s  {seconds * 1e3:7.0f} ms/step  "
               f"cost vs plain {seconds / plain - 1:+.1%}")
