@@ -48,13 +48,19 @@ from kseg.core.config import Config, apply_overrides, project_path
 from kseg.core.errors import ConfigError, DataError
 from kseg.core.fileio import atomic_path, atomic_write_text
 from kseg.core.log import get_logger
+from kseg.core.pictures import unit_to_uint8, write_png
 from kseg.data.masks import otsu_baseline
+from kseg.data.pipeline import train_reader
 from kseg.engine.fit import train
 from kseg.io.modality import GROUPS, image_group
 from kseg.metrics.scores import score_image
 from kseg.submission.formats import get_format
 from kseg.tasks.base import load_run, task_class
-from kseg.tasks.semantic.postprocess import POSTPROCESS_KEYS, probabilities_to_target
+from kseg.tasks.semantic.postprocess import (
+    POSTPROCESS_KEYS,
+    probabilities_to_target,
+    resolve_postprocess,
+)
 from kseg.tasks.semantic.predictor import Predictor
 
 log = get_logger("cv")
@@ -162,15 +168,10 @@ def write_oof(run: Path, path: Path, progress: bool = True) -> Path:
     arrays = {"ids": np.array(valid_ids)}
     for i, sample_id in enumerate(tqdm(valid_ids, desc=f"OOF {run.name}", unit="img", disable=not progress,
                                        file=sys.stderr)):
-        arrays[f"p{i}"] = quantise(predictor.predict(reader.load(sample_id).image))
+        arrays[f"p{i}"] = unit_to_uint8(predictor.predict(reader.load(sample_id).image))  # 1/510 at most off
     with atomic_path(path, suffix=".npz") as tmp:
         np.savez_compressed(tmp, **arrays)
     return path
-
-
-def quantise(probabilities: np.ndarray) -> np.ndarray:
-    """float probabilities in [0, 1] -> uint8 (p x 255, rounded): 1/510 at most from the original."""
-    return np.round(np.clip(probabilities, 0, 1) * 255).astype(np.uint8)
 
 
 def read_oof(path: Path) -> dict[str, np.ndarray]:
@@ -209,12 +210,13 @@ def finished_folds(folder: Path) -> list[int]:
 
 # -- scoring --------------------------------------------------------------------------------------
 def oof_cases(folder: Path, overrides: Sequence[str] = ()):
-    """``(config, [(id, fold, image, truth, probabilities)])`` of every finished fold's OOF images."""
+    """``(config, [(id, fold, image, truth, probabilities)])`` of every finished fold's OOF images
+    (the OOF files name their images; every fold reads the same training set)."""
     folder = Path(folder)
     cfg = cv_config(folder, overrides)
+    reader = train_reader(cfg)
     cases = []
     for fold in finished_folds(folder):
-        reader, _ = validation_split(with_fold(cfg, fold))
         for sample_id, probabilities in read_oof(oof_path(folder, fold)).items():
             sample = reader.load(sample_id)
             cases.append((sample_id, fold, sample.image, sample.target, probabilities))
@@ -223,21 +225,14 @@ def oof_cases(folder: Path, overrides: Sequence[str] = ()):
     return cfg, cases
 
 
-def postprocess_params(cfg: Config, folder: Path | None = None) -> dict:
-    """The config's post-processing, with the CV folder's OOF-tuned values when it has them."""
-    params = {k: cfg.postprocess[k] for k in POSTPROCESS_KEYS if k in cfg.postprocess}
-    if folder is not None:
-        params.update({k: v for k, v in runs.tuned_postprocess(folder).items() if k in POSTPROCESS_KEYS})
-    return params
-
-
-def score_oof(folder: Path, overrides: Sequence[str] = (), params: dict | None = None) -> dict:
+def score_oof(folder: Path, overrides: Sequence[str] = (), params: dict | None = None, *, read=None) -> dict:
     """OOF score overall, per fold and per image group, with Otsu on the same images; saved as
-    ``oof.json``."""
+    ``oof.json``. ``params`` default to the config's post-processing with the folder's OOF-tuned
+    values; ``read`` is :func:`oof_cases`' result when the caller has it already."""
     folder = Path(folder)
-    cfg, cases = oof_cases(folder, overrides)
+    cfg, cases = read or oof_cases(folder, overrides)
     fmt = get_format(cfg.submission.format)
-    params = postprocess_params(cfg, folder) if params is None else params
+    params = resolve_postprocess(folder, cfg) if params is None else params
     min_size = int(params.get("min_size", cfg.postprocess.min_size))
     rows = []
     for sample_id, fold, image, truth, probabilities in cases:
@@ -291,16 +286,12 @@ def write_curves(folder: Path, size: tuple[int, int] = (360, 640)) -> Path | Non
         xs = left + epoch / epochs * (width - left - right)
         ys = top + (high - value) / (high - low) * (height - top - bottom)
         points = np.stack([xs, ys], axis=1)[np.isfinite(ys)].round().astype(np.int32)
-        colour = palette[k % len(palette)][::-1]
+        colour = palette[k % len(palette)]
         cv2.polylines(canvas, [points.reshape(-1, 1, 2)], False, colour, 2)
         cv2.putText(canvas, name, (width - right + 8, top + 16 * (k + 1)), cv2.FONT_HERSHEY_SIMPLEX, 0.45, colour, 1)
     cv2.putText(canvas, f"{next(iter(curves.values()))[0]} per epoch", (left, height - 8),
                 cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1)
-    path = folder / CURVES
-    with atomic_path(path, suffix=".png") as tmp:
-        if not cv2.imwrite(str(tmp), canvas):
-            raise DataError("could not write the curves PNG", path)
-    return path
+    return write_png(folder / CURVES, canvas)
 
 
 # -- tuning and submitting ---------------------------------------------------------------------------
@@ -308,12 +299,12 @@ def tune_cv(folder: Path, overrides: Sequence[str] = (), progress: bool = True, 
     """Post-processing tuned on every OOF prediction; saved as the CV folder's ``postprocess.json``
     and used by ``score_oof`` and ``submit --cv``."""
     folder = Path(folder)
-    cfg, cases = oof_cases(folder, overrides)
+    read = cfg, cases = oof_cases(folder, overrides)
     found = search_postprocess([(truth, probs) for _, _, _, truth, probs in cases], cfg, progress=progress, **grid)
     record = {**found, "images": len(cases), "folds": finished_folds(folder), "checkpoint": OOF_CHECKPOINT,
               "oof": True, "tuned": datetime.now().isoformat(timespec="seconds")}
     atomic_write_text(folder / runs.TUNED, json.dumps(record, indent=1))
-    score_oof(folder, overrides)
+    score_oof(folder, overrides, read=read)
     return record
 
 

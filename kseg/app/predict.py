@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from kseg.core.errors import ConfigError, DataError
 from kseg.core.fileio import atomic_path, atomic_write_bytes
-from kseg.core.pictures import draw_boxes
+from kseg.core.pictures import draw_boxes, unit_to_uint8
 from kseg.io.sample import list_dsb_ids, list_images
 from kseg.submission.formats import SubmissionFormat
 from kseg.submission.make import open_runs
@@ -137,7 +137,7 @@ def probability_picture(probabilities: np.ndarray) -> np.ndarray:
     probabilities = np.asarray(probabilities, np.float32)
     if probabilities.ndim == 2:
         probabilities = probabilities[..., None]
-    scaled = np.round(np.clip(probabilities, 0.0, 1.0) * 255).astype(np.uint8)
+    scaled = unit_to_uint8(probabilities)
     return scaled[..., 2::-1] if scaled.shape[2] >= 3 else scaled[..., 0]
 
 

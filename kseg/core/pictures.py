@@ -15,6 +15,11 @@ from kseg.core.errors import DataError
 from kseg.core.fileio import atomic_write_bytes
 
 
+def unit_to_uint8(array: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] (probabilities, images scaled for a model) -> uint8 0..255, clipped and rounded."""
+    return np.round(np.clip(array, 0.0, 1.0) * 255).astype(np.uint8)
+
+
 def _to_rgb(array: np.ndarray) -> np.ndarray:
     """Any H x W (x C) array -> uint8 H x W x 3 for a picture panel (each panel scaled to its range)."""
     array = np.asarray(array, np.float32)

@@ -65,6 +65,7 @@ class SeededEpochs:
             self.steps_per_epoch = self.steps_per_epoch or math.ceil(len(self.ids) / self.batch_size)
         self.epoch = 0
         self._orders: dict[int, np.ndarray] = {}
+        self._epoch_length = len(self.order(0))  # positions per epoch, the same in every epoch
 
     def order(self, epoch: int) -> np.ndarray:
         """Sample indices of ``epoch`` in the order its batches take them (the last few epochs'
@@ -91,7 +92,7 @@ class SeededEpochs:
         """Positions in the epoch's order of batch ``index`` -- in a multi-process job, of this
         process's slice of that global batch (each process builds only its own rows)."""
         start = index * self.batch_size
-        stop = min(start + self.batch_size, len(self.order(self.epoch)))
+        stop = min(start + self.batch_size, self._epoch_length)
         shard, count = self.shard
         if count == 1:
             return range(start, stop)

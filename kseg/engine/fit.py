@@ -33,6 +33,7 @@ from kseg.core.config import Config
 from kseg.core.errors import ConfigError
 from kseg.core.fileio import atomic_write_text
 from kseg.core.log import get_logger
+from kseg.core.pictures import unit_to_uint8
 from kseg.data.feeder import PrefetchedBatches
 from kseg.data.split import split_ids
 from kseg.engine import snapshots
@@ -103,11 +104,7 @@ def score_predictions(task: Task, predictions, truths, prefix: str = "") -> dict
 def image_groups(images) -> list[str]:
     """Each validation image's group (``kseg.io.modality.image_group``), from the image as the model
     sees it (floats in [0, 1] read as 0..255)."""
-    def as_uint8(image):
-        image = np.asarray(image)
-        return image if image.dtype == np.uint8 else np.clip(np.round(image * 255), 0, 255).astype(np.uint8)
-
-    return [image_group(as_uint8(image)) for image in images]
+    return [image_group(image if np.asarray(image).dtype == np.uint8 else unit_to_uint8(image)) for image in images]
 
 
 def score_groups(task: Task, predictions, truths, groups: list[str]) -> dict[str, float]:
