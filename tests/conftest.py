@@ -75,3 +75,21 @@ def golden_run():
         return run
 
     return copy
+
+
+@pytest.fixture
+def assert_read_as_trained():
+    """``check(training, submission, images)``: every image of the ``training`` reader (one grey
+    channel) is what ``submission.read`` gives for its file in ``images``, on each channel (detectors
+    replicate grey to their input channels)."""
+    import numpy as np
+
+    def check(training, submission, images: Path) -> None:
+        for sample_id in training.ids():
+            trained_on = training.load(sample_id).image
+            predicted_from = submission.read(images / f"{sample_id}.png")
+            assert trained_on.shape[-1] == 1
+            for channel in range(predicted_from.shape[-1]):
+                np.testing.assert_array_equal(predicted_from[..., channel], trained_on[..., 0])
+
+    return check
