@@ -2,7 +2,8 @@
 
 The Python API (documented in the README) is re-exported here lazily, so ``import kseg`` and
 ``import kseg.rle`` stay light (Keras costs seconds to import): ``kseg.load_config``, ``kseg.train``,
-``kseg.predict``, ``kseg.submit``, ``kseg.tune``, ``kseg.load_model``, ``kseg.set_verbosity``.
+``kseg.predict``, ``kseg.submit``, ``kseg.tune``, ``kseg.cross_validate``, ``kseg.load_model``,
+``kseg.set_verbosity``.
 
 Data flows one way, layer by layer (import-linter checks it; see README "Layout"):
 ``kseg.core`` <- ``kseg.codecs`` <- ``kseg.io`` (readers) <- ``kseg.data`` (preprocessing, weight
@@ -23,6 +24,7 @@ _API = {
     "predict": "kseg.app.api",
     "submit": "kseg.app.api",
     "tune": "kseg.app.api",
+    "cross_validate": "kseg.app.api",
     "load_model": "kseg.tasks.base",
     "set_verbosity": "kseg.core.log",
 }

@@ -21,7 +21,7 @@ from kseg.core.errors import ConfigError, KsegError
 from kseg.core.fileio import atomic_write_text
 from kseg.core.runs import newest_run, run_config
 from kseg.data.pipeline import preprocess_train
-from kseg.data.split import fold_strata, split_ids
+from kseg.data.split import dataset_split
 from kseg.engine.fit import train
 from kseg.io.demo import write_demo_dataset
 from kseg.io.sample import preview
@@ -67,7 +67,7 @@ def cmd_demo(args) -> int:
     start = time.perf_counter()
     data = preprocess_train(cfg)
     prep_s = time.perf_counter() - start
-    train_ids, valid_ids = split_ids(cfg, data.ids, fold_strata(cfg, data))
+    train_ids, valid_ids = dataset_split(cfg, data)
     train, valid = make_batches(cfg, data, train_ids, valid_ids)
     start = time.perf_counter()
     n_images = 0
@@ -260,7 +260,8 @@ def cmd_evaluate(args) -> int:
     if solution is None:
         raise ConfigError(f"no solution CSV: pass SOLUTION=path (dataset {cfg.dataset.name!r} names none)")
     items = _test_images(cfg, args.test_dir, None, fmt)
-    result = evaluate_submission(submission, solution, fmt, image_sizes(items), metric=args.metric)
+    result = evaluate_submission(submission, solution, fmt, image_sizes(items), metric=args.metric,
+                                 images=dict(items), intensity=cfg.preprocess.intensity)
     if args.per_image:
         atomic_write_text(args.per_image, result.per_image.to_csv(index=False))
         print(f"per-image scores: {args.per_image}")
@@ -270,6 +271,8 @@ def cmd_evaluate(args) -> int:
         print(f"{len(result.unscored)} image(s) of {submission} are not in the solution and were not scored: "
               f"{preview(result.unscored)}")
     print(f"{result.metric} over {len(result.per_image)} images: {result.score:.6f}")
+    for group, entry in result.groups.items():
+        print(f"  {group}: {entry['score']:.6f} over {entry['images']} images")
     return 0
 
 

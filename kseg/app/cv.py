@@ -52,7 +52,7 @@ from kseg.core.pictures import unit_to_uint8, write_png
 from kseg.data.masks import otsu_baseline
 from kseg.data.pipeline import train_reader
 from kseg.engine.fit import train
-from kseg.io.modality import GROUPS, image_group
+from kseg.io.modality import GROUPS, decoded_group
 from kseg.metrics.scores import score_image
 from kseg.submission.formats import get_format
 from kseg.tasks.base import load_run, task_class
@@ -157,6 +157,7 @@ def train_fold(settings: dict, fold: int, folder: Path, device: str | None = Non
         train(cfg, run_dir=run)
     if not oof_path(folder, fold).is_file():
         write_oof(run, oof_path(folder, fold), progress=progress)
+    _write_record(folder, cfg, runs.training_fingerprint(with_fold(cfg, 0)))  # folds_done as each fold ends
 
 
 def write_oof(run: Path, path: Path, progress: bool = True) -> Path:
@@ -210,8 +211,8 @@ def finished_folds(folder: Path) -> list[int]:
 
 # -- scoring --------------------------------------------------------------------------------------
 def oof_cases(folder: Path, overrides: Sequence[str] = ()):
-    """``(config, [(id, fold, image, truth, probabilities)])`` of every finished fold's OOF images
-    (the OOF files name their images; every fold reads the same training set)."""
+    """``(config, [(id, fold, image, truth, probabilities, group)])`` of every finished fold's OOF
+    images (the OOF files name their images; every fold reads the same training set)."""
     folder = Path(folder)
     cfg = cv_config(folder, overrides)
     reader = train_reader(cfg)
@@ -219,7 +220,8 @@ def oof_cases(folder: Path, overrides: Sequence[str] = ()):
     for fold in finished_folds(folder):
         for sample_id, probabilities in read_oof(oof_path(folder, fold)).items():
             sample = reader.load(sample_id)
-            cases.append((sample_id, fold, sample.image, sample.target, probabilities))
+            cases.append((sample_id, fold, sample.image, sample.target, probabilities,
+                          decoded_group(sample.image, sample.integrity)))
     if not cases:
         raise DataError("no finished fold yet: nothing to score", folder)
     return cfg, cases
@@ -235,11 +237,11 @@ def score_oof(folder: Path, overrides: Sequence[str] = (), params: dict | None =
     params = resolve_postprocess(folder, cfg) if params is None else params
     min_size = int(params.get("min_size", cfg.postprocess.min_size))
     rows = []
-    for sample_id, fold, image, truth, probabilities in cases:
+    for sample_id, fold, image, truth, probabilities, group in cases:
         prediction = probabilities_to_target(probabilities, fmt, params, cfg.generator.targets)
         otsu = otsu_baseline(image, min_size=min_size)
         otsu = otsu if fmt.rows == "instance" else (otsu > 0).astype(np.uint8)
-        rows.append({"id": sample_id, "fold": fold, "group": image_group(image),
+        rows.append({"id": sample_id, "fold": fold, "group": group,
                      "score": float(score_image(truth, prediction, fmt.metric)),
                      "otsu": float(score_image(truth, otsu, fmt.metric))})
 
@@ -300,7 +302,7 @@ def tune_cv(folder: Path, overrides: Sequence[str] = (), progress: bool = True, 
     and used by ``score_oof`` and ``submit --cv``."""
     folder = Path(folder)
     read = cfg, cases = oof_cases(folder, overrides)
-    found = search_postprocess([(truth, probs) for _, _, _, truth, probs in cases], cfg, progress=progress, **grid)
+    found = search_postprocess([(truth, probs) for _, _, _, truth, probs, _ in cases], cfg, progress=progress, **grid)
     record = {**found, "images": len(cases), "folds": finished_folds(folder), "checkpoint": OOF_CHECKPOINT,
               "oof": True, "tuned": datetime.now().isoformat(timespec="seconds")}
     atomic_write_text(folder / runs.TUNED, json.dumps(record, indent=1))

@@ -2,7 +2,10 @@
 
 Both files are decoded with the same strict reader as the validator, so the score is what the
 written file is worth, not what the model meant to write. Per-image scores come back as a
-DataFrame; the overall score is their mean, as Kaggle averages over images.
+DataFrame; the overall score is their mean, as Kaggle averages over images. Given the test images,
+each image's group (fluorescence, bright-field, stained: ``kseg.io.modality.image_group``) is
+added and the score reported per group too, since a model can do well on one kind of picture and
+badly on another.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import numpy as np
 import pandas as pd
 
 from kseg.core.errors import DataError
+from kseg.io.modality import GROUPS, image_group
+from kseg.io.sample import read_image
 from kseg.metrics.scores import score_image
 from kseg.submission.formats import SubmissionFormat
 from kseg.submission.reading import read_targets
@@ -23,9 +28,10 @@ from kseg.submission.reading import read_targets
 @dataclasses.dataclass
 class Evaluation:
     score: float
-    per_image: pd.DataFrame  # id, score, true_objects, predicted_objects
+    per_image: pd.DataFrame  # id, score, true_objects, predicted_objects (and group, given images)
     metric: str
     unscored: list[str] = dataclasses.field(default_factory=list)  # submission ids the solution lacks
+    groups: dict[str, dict] = dataclasses.field(default_factory=dict)  # group -> {"images", "score"}
 
 
 def _objects(target: np.ndarray, metric: str) -> int:
@@ -35,11 +41,13 @@ def _objects(target: np.ndarray, metric: str) -> int:
 
 
 def evaluate_submission(submission: str | Path, solution: str | Path, fmt: SubmissionFormat,
-                        sizes: Mapping[str, tuple[int, int]] | None = None, metric: str | None = None) -> Evaluation:
+                        sizes: Mapping[str, tuple[int, int]] | None = None, metric: str | None = None,
+                        images: Mapping[str, str | Path] | None = None, intensity: str = "auto") -> Evaluation:
     """Score ``submission`` against ``solution`` (the format's columns; ``Height``/``Width``
     columns are used for image sizes when present, else ``sizes``). Every solution image must have
     rows in the submission; submission images absent from the solution are ignored (Kaggle scores
-    only the images in its solution file)."""
+    only the images in its solution file). ``images`` (id -> image file, decoded under
+    ``intensity``) adds each scored image's group and the per-group scores."""
     metric = metric or fmt.metric
     truths = read_targets(solution, fmt, sizes, strict_header=False)
     if not truths:
@@ -60,4 +68,10 @@ def evaluate_submission(submission: str | Path, solution: str | Path, fmt: Submi
                         "true_objects": _objects(truth, metric), "predicted_objects": _objects(prediction, metric)})
     per_image = pd.DataFrame.from_records(records)
     unscored = [i for i in predictions if i not in truths]
-    return Evaluation(float(per_image["score"].mean()), per_image, metric, unscored)
+    groups = {}
+    if images and all(i in images for i in truths):
+        per_image["group"] = [image_group(read_image(images[i], intensity)) for i in per_image["id"]]
+        groups = {g: {"images": int((per_image["group"] == g).sum()),
+                      "score": float(per_image.loc[per_image["group"] == g, "score"].mean())}
+                  for g in GROUPS if (per_image["group"] == g).any()}
+    return Evaluation(float(per_image["score"].mean()), per_image, metric, unscored, groups)

@@ -26,8 +26,8 @@ from kseg.core.errors import ConfigError
 from kseg.core.fileio import atomic_write_text
 from kseg.core.runs import run_config
 from kseg.data.pipeline import preprocess_train, train_reader
-from kseg.data.split import fold_strata, split_ids
-from kseg.io.modality import GROUPS, image_group
+from kseg.data.split import dataset_split
+from kseg.io.modality import GROUPS, decoded_group
 from kseg.metrics.evaluators import MeanScore, evaluate
 from kseg.metrics.scores import score_image
 from kseg.submission.formats import get_format
@@ -43,8 +43,7 @@ INSTANCE_METHODS = ("components", "distance", "markers")
 
 def validation_split(cfg) -> tuple[object, list[str]]:
     """(training reader, validation ids) exactly as the run's training split them."""
-    data = preprocess_train(cfg)
-    _, valid_ids = split_ids(cfg, data.ids, fold_strata(cfg, data))
+    _, valid_ids = dataset_split(cfg, preprocess_train(cfg))
     return train_reader(cfg), valid_ids
 
 
@@ -77,7 +76,7 @@ def tune_postprocess(run_dir: str | Path, overrides: Sequence[str] = (), thresho
     for sample_id in tqdm(valid_ids, desc="validation predictions", unit="img", disable=not progress, file=sys.stderr):
         sample = reader.load(sample_id)
         cases.append((sample.target, predictor.predict(sample.image)))
-        groups.append(image_group(sample.image))
+        groups.append(decoded_group(sample.image, sample.integrity))
     found = search_postprocess(cases, cfg, thresholds=thresholds, min_sizes=min_sizes,
                                marker_thresholds=marker_thresholds, methods=methods, progress=progress)
     record = {
@@ -156,7 +155,7 @@ def search_postprocess(cases: Sequence[tuple[np.ndarray, np.ndarray]], cfg, *, t
 
 def group_scores(cases: Sequence[tuple[np.ndarray, np.ndarray]], groups: Sequence[str], params: dict,
                  cfg) -> dict[str, dict]:
-    """The mean score of ``params`` per image group (``kseg.io.modality.image_group``)."""
+    """The mean score of ``params`` per image group (``kseg.io.modality.decoded_group``)."""
     fmt = get_format(cfg.submission.format)
     scores = [score_image(truth, probabilities_to_target(probs, fmt, params, cfg.generator.targets), fmt.metric)
               for truth, probs in cases]

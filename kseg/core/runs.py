@@ -51,10 +51,19 @@ def _run_prefix(cfg: Config) -> str:
     return f"{cfg.dataset.name}-{cfg.model.name}"
 
 
+# Keys added after runs were made, at the value that does what those runs did: left out of the
+# fingerprint at that value, so an unfinished run (or CV folder) of an earlier version still resumes.
+NEUTRAL_DEFAULTS = {("split", "near_duplicates"): False}
+
+
 def training_fingerprint(cfg: Config) -> str:
     """What must match for an unfinished run to be resumed (not where the logs go)."""
-    return cfg.fingerprint("dataset", "preprocess", "augment", "generator", "split", "model", "train", "postprocess",
-                          "detection")
+    settings = cfg.to_dict()
+    for (section, key), value in NEUTRAL_DEFAULTS.items():
+        if isinstance(settings.get(section), dict) and key in settings[section] and settings[section][key] == value:
+            del settings[section][key]
+    return Config(settings).fingerprint("dataset", "preprocess", "augment", "generator", "split", "model", "train",
+                                        "postprocess", "detection")
 
 
 class RunLock:

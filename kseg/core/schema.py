@@ -276,6 +276,7 @@ class SplitSection(Section):
     n_folds: Annotated[int, Field(ge=2)]
     fold: Natural
     seed: Natural
+    near_duplicates: bool
 
 
 class ModelSection(Section):

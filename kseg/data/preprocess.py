@@ -173,6 +173,12 @@ class PreprocessedDataset:
         with np.load(self.path(sample_id)) as data:
             return {key: data[key] for key in data.files if key != NOTES_KEY}
 
+    def notes(self, sample_id: str) -> dict[str, dict]:
+        """What the reader noted about the sample (``Sample.integrity``, a few examples per kind),
+        e.g. that ``preprocess.modality`` inverted its image; {} for caches written before notes."""
+        kept = _cached_notes(self.path(sample_id))
+        return kept[0] if kept else {}
+
     def __len__(self) -> int:
         return len(self.ids)
 

@@ -35,7 +35,7 @@ from kseg.core.fileio import atomic_write_text
 from kseg.core.log import get_logger
 from kseg.core.pictures import unit_to_uint8
 from kseg.data.feeder import PrefetchedBatches
-from kseg.data.split import split_ids
+from kseg.data.split import fold_clusters, split_ids
 from kseg.engine import snapshots
 from kseg.engine.callbacks import (
     BaselineScores,
@@ -53,7 +53,7 @@ from kseg.engine.distribute import (
 from kseg.engine.precision import mixed_precision
 from kseg.engine.snapshots import EpochSnapshots
 from kseg.engine.tf_data import variable_size_input
-from kseg.io.modality import GROUPS, image_group
+from kseg.io.modality import GROUPS, decoded_group
 from kseg.metrics.evaluators import evaluate
 from kseg.nn.callbacks import ValidationScore
 from kseg.tasks.base import Task, get_task, load_model
@@ -101,10 +101,13 @@ def score_predictions(task: Task, predictions, truths, prefix: str = "") -> dict
     return {f"{prefix}_{name}" if prefix else name: value for name, value in scores.items()}
 
 
-def image_groups(images) -> list[str]:
-    """Each validation image's group (``kseg.io.modality.image_group``), from the image as the model
-    sees it (floats in [0, 1] read as 0..255)."""
-    return [image_group(image if np.asarray(image).dtype == np.uint8 else unit_to_uint8(image)) for image in images]
+def image_groups(images, notes=None) -> list[str]:
+    """Each validation image's group (``kseg.io.modality.decoded_group``): from the image as the
+    model sees it (floats in [0, 1] read as 0..255), or, where ``preprocess.modality`` converted it,
+    from the reader's note (one ``notes`` mapping per image) of what it was."""
+    notes = notes if notes is not None else [{}] * len(images)
+    return [decoded_group(image if np.asarray(image).dtype == np.uint8 else unit_to_uint8(image), note)
+            for image, note in zip(images, notes)]
 
 
 def score_groups(task: Task, predictions, truths, groups: list[str]) -> dict[str, float]:
@@ -197,8 +200,8 @@ def train(cfg: Config, run_dir: Path | None = None,
     start = time.perf_counter()
     t = cfg.train
     set_determinism(int(t.seed), bool(t.deterministic))
-    ids, groups = task.prepare()
-    train_ids, valid_ids = split_ids(cfg, ids, groups)
+    ids, strata = task.prepare()
+    train_ids, valid_ids = split_ids(cfg, ids, strata, fold_clusters(cfg, task.data))
     run, lock, _ = open_run(cfg, run_dir)
     try:
         with mixed_precision(t.mixed_precision) as (policy, why):
@@ -233,7 +236,7 @@ def _fit(cfg: Config, task: Task, run: Path, lock: runs.RunLock, start: float, p
     for name, predictions in task.baselines(images, truths).items():
         baselines.update(score_predictions(task, predictions, truths, prefix=name))
     logs_dir = run / runs.LOGS
-    groups = image_groups(images)
+    groups = image_groups(images, [task.data.notes(i) for i in valid_ids] if task.data is not None else None)
 
     def validation_scores() -> dict[str, float]:
         predictions = task.predict_many(inference, images)

@@ -20,7 +20,7 @@ decoded), so a test image is converted exactly as the training images were.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import cv2
@@ -96,6 +96,17 @@ def image_group(image: np.ndarray) -> str:
     if brightness < DARK_BACKGROUND:
         return "fluorescence"
     return "stained" if coloured >= COLOURED_SHARE else "brightfield"
+
+
+def decoded_group(image: np.ndarray, notes: Mapping[str, object] | None = None) -> str:
+    """The group of an image as it was decoded, before ``preprocess.modality`` converted it: the
+    reader's note of the inversion (``images_<group>_inverted`` in ``Sample.integrity`` or a cache
+    file's notes) names it, since a converted image reads as fluorescence; else
+    :func:`image_group` of the image."""
+    for group in GROUPS:
+        if f"images_{group}_inverted" in (notes or {}):
+            return group
+    return image_group(image)
 
 
 def group_counts(images: Iterable[np.ndarray]) -> dict[str, int]:

@@ -81,6 +81,7 @@ class Task:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        self.data = None  # the preprocessed dataset, once ``prepare`` has read it (fold clusters, notes)
 
     # -- training ---------------------------------------------------------------------------------
     def prepare(self) -> tuple[list[str], list[str] | None]:

@@ -73,6 +73,7 @@ def test_cv_killed_in_the_second_fold_resumes_and_keeps_honest_oof(demo_root, tm
     job.send_signal(signal.SIGKILL)
     job.wait()
     assert (folder / "oof" / "fold-0.npz").is_file() and not (folder / "oof" / "fold-1.npz").exists()
+    assert json.loads((folder / "cv.json").read_text())["folds_done"] == [0]  # recorded as the fold ended
     fold0_checkpoint, fold0_history = digest(first / "last.keras"), (first / "history.csv").read_text()
 
     done = subprocess.run(kseg_command(cfg, "cv", "--quiet"), cwd=tmp_path, env=environment(),
@@ -83,6 +84,7 @@ def test_cv_killed_in_the_second_fold_resumes_and_keeps_honest_oof(demo_root, tm
     assert digest(first / "last.keras") == fold0_checkpoint
     assert (first / "history.csv").read_text() == fold0_history
     assert [epochs_logged(folder / f"fold-{k}") for k in range(3)] == [3, 3, 3]
+    assert json.loads((folder / "cv.json").read_text())["folds_done"] == [0, 1, 2]
 
     # Every training image is held out by exactly one fold.
     run_cfg = run_config(folder)
@@ -131,3 +133,16 @@ def test_cv_killed_in_the_second_fold_resumes_and_keeps_honest_oof(demo_root, tm
     assert "valid" in submitted.stdout and "fold-2" in submitted.stdout
     assert f"'threshold': {record['params']['threshold']}" in submitted.stdout
 
+    # The Python API takes the CV folder: the folds' ensemble with the OOF-tuned post-processing.
+    import kseg
+
+    test_image = sorted((demo_root / "stage1_test").rglob("*.png"))[0]
+    predicted = kseg.predict(folder, [test_image], progress=False)[test_image.stem]
+    members = [load_run(folder / f"fold-{k}", checkpoint=str(run_cfg.predict.checkpoint)) for k in range(3)]
+    from kseg.io.sample import read_image
+
+    probabilities = Predictor(members).predict(read_image(test_image))
+    expected = probabilities_to_target(probabilities, fmt, {**scores["postprocess"], **record["params"]},
+                                       run_cfg.generator.targets)
+    np.testing.assert_array_equal(predicted > 0, expected > 0)
+    assert predicted.max() == expected.max()

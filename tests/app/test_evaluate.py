@@ -3,6 +3,7 @@ written into them."""
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
@@ -128,3 +129,25 @@ def test_severstal_averages_dice_over_image_class_pairs(tmp_path, dataset):
     pairs = [metrics.dice(to_classes(truths[i]) == k, to_classes(predictions[i]) == k)
              for i in truths for k in range(1, 5)]
     assert result.score == pytest.approx(np.mean(pairs), abs=1e-9)
+
+
+def test_scores_per_image_group_given_the_images(tmp_path, dataset):
+    shapes, truths, predictions = dataset
+    fmt = get_format("dsb_instances")
+    solution = write_labels(tmp_path / "solution.csv", truths, fmt)
+    submission = write_labels(tmp_path / "submission.csv", predictions, fmt)
+    # Dark background: fluorescence; light grey: bright-field; light and coloured: stained.
+    pictures = {"img0": (10, 10, 10), "img1": (200, 200, 200), "img2": (230, 150, 200), "empty": (5, 5, 5)}
+    files = {}
+    for image_id, colour in pictures.items():
+        files[image_id] = tmp_path / f"{image_id}.png"
+        cv2.imwrite(str(files[image_id]), np.full((*shapes[image_id], 3), colour[::-1], np.uint8))
+    result = evaluate_submission(submission, solution, fmt, shapes, images=files)
+    direct = {i: metrics.iou_map(truths[i], predictions[i]) for i in truths}
+    assert dict(zip(result.per_image["id"], result.per_image["group"])) == {
+        "img0": "fluorescence", "img1": "brightfield", "img2": "stained", "empty": "fluorescence"}
+    assert result.groups == {
+        "fluorescence": {"images": 2, "score": pytest.approx((direct["img0"] + direct["empty"]) / 2, abs=1e-12)},
+        "brightfield": {"images": 1, "score": pytest.approx(direct["img1"], abs=1e-12)},
+        "stained": {"images": 1, "score": pytest.approx(direct["img2"], abs=1e-12)}}
+    assert evaluate_submission(submission, solution, fmt, shapes).groups == {}  # no images: no groups

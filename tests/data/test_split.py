@@ -200,3 +200,78 @@ def test_split_ids_rejects_bad_fold():
     cfg = Config({"split": {"n_folds": 3, "fold": 3, "seed": 0}})
     with pytest.raises(ConfigError):
         split_ids(cfg, IDS)
+
+
+# --- near-duplicate clusters -------------------------------------------------------------------
+
+def round_robin_reference(ids, n_folds, fold, seed, groups=None):
+    """The split before clusters existed, written out again: shuffle each group, deal round-robin."""
+    groups = groups or ["all"] * len(ids)
+    rng = np.random.default_rng(seed)
+    assignment = np.empty(len(ids), int)
+    offset = 0
+    for group in sorted(set(groups)):
+        members = np.flatnonzero(np.asarray(groups) == group)
+        members = members[rng.permutation(members.size)]
+        assignment[members] = (np.arange(members.size) + offset) % n_folds
+        offset += members.size
+    return [i for i, f in zip(ids, assignment) if f != fold], [i for i, f in zip(ids, assignment) if f == fold]
+
+
+@pytest.mark.parametrize("n_folds,seed", [(2, 0), (3, 7), (5, 42), (7, 1)])
+def test_one_image_per_cluster_keeps_the_plain_split(n_folds, seed):
+    groups = ["a", "b", "c"] * 7 + ["a", "b"]
+    for fold in range(n_folds):
+        expected = round_robin_reference(IDS, n_folds, fold, seed, groups)
+        assert kfold_split(IDS, n_folds, fold, seed, groups) == expected
+        assert kfold_split(IDS, n_folds, fold, seed, groups, clusters=list(range(len(IDS)))[::-1]) == expected
+
+
+def test_a_cluster_stays_in_one_fold():
+    clusters = list(range(len(IDS)))
+    for members, label in (([0, 5, 9], 100), ([1, 2], 101), ([14, 22], 102)):
+        for m in members:
+            clusters[m] = label
+    groups = ["a", "b"] * 11 + ["a"]
+    for seed in range(5):
+        folds = [kfold_split(IDS, 5, f, seed, groups, clusters) for f in range(5)]
+        validations = [set(valid) for _, valid in folds]
+        assert sorted(i for v in validations for i in v) == sorted(IDS)
+        for members in ([0, 5, 9], [1, 2], [14, 22]):
+            holding = [k for k, v in enumerate(validations) if IDS[members[0]] in v]
+            assert all(IDS[m] in validations[holding[0]] for m in members)
+        sizes = [len(v) for v in validations]
+        assert max(sizes) - min(sizes) <= 3  # the largest cluster
+
+
+def test_cluster_labels_must_match_the_ids():
+    with pytest.raises(ValueError, match="cluster labels"):
+        kfold_split(IDS, 5, 0, 0, None, clusters=[0, 1])
+
+
+def test_split_ids_uses_clusters_only_when_configured(tmp_path):
+    from kseg.data.split import fold_clusters
+
+    rng = np.random.default_rng(0)
+    big = np.zeros((400, 400), np.uint8)
+    for y, x in rng.integers(10, 390, size=(90, 2)):
+        big[max(y - 6, 0):y + 6, max(x - 8, 0):x + 8] = rng.integers(120, 255)
+    images = {"left": big[:, :280], "right": big[:, 120:], "other": np.rot90(big).copy(), "fourth": big[::-1, ::-1][:, :200].copy()}
+
+    class Images:
+        ids = list(images)
+        directory = tmp_path
+
+        def load(self, sample_id):
+            return {"image": images[sample_id][..., None]}
+
+    off = Config({"split": {"n_folds": 2, "fold": 0, "seed": 0, "near_duplicates": False}})
+    assert fold_clusters(off, Images()) is None
+    on = Config({"split": {"n_folds": 2, "fold": 0, "seed": 0, "near_duplicates": True}})
+    clusters = fold_clusters(on, Images())
+    assert clusters[0] == clusters[1] and len(set(clusters)) == 3
+    for fold in range(2):
+        _, valid = split_ids(on, Images.ids, None, clusters)
+        assert ("left" in valid) == ("right" in valid)
+    with pytest.raises(ConfigError, match="near_duplicates"):
+        fold_clusters(on, None)

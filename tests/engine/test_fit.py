@@ -67,6 +67,23 @@ def test_run_directory_holds_checkpoints_logs_and_scores(demo_root, tmp_path):
     assert probabilities.shape == (1, 32, 32, 2) and np.all((probabilities >= 0) & (probabilities <= 1))
 
 
+def test_validation_groups_are_the_images_own_under_modality_fluorescence(demo_root, tmp_path):
+    """preprocess.modality=fluorescence makes every image look like fluorescence; its validation
+    groups must still be those of the images as decoded (the reader's inversion notes say so)."""
+    groups = {}
+    for modality in ("keep", "fluorescence"):
+        cfg = tiny_config(demo_root, tmp_path, f"preprocess.modality={modality}")
+        task = get_task(cfg)
+        ids, strata = task.prepare()
+        valid_ids = split_ids(cfg, ids, strata)[1]
+        images, _ = task.validation(valid_ids)
+        groups[modality] = image_groups(images, [task.data.notes(i) for i in valid_ids])
+        if modality == "fluorescence":
+            assert set(image_groups(images)) == {"fluorescence"}  # what the converted images alone say
+    assert len(set(groups["keep"])) > 1
+    assert groups["fluorescence"] == groups["keep"]
+
+
 class Interrupt(keras.callbacks.Callback):
     """Stops training in the middle of ``epoch`` as a Ctrl-C would."""
 

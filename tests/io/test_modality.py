@@ -21,6 +21,7 @@ from kseg.io.dsb import DsbReader
 from kseg.io.modality import (
     GROUPS,
     as_fluorescence,
+    decoded_group,
     group_counts,
     image_group,
     to_modality,
@@ -329,6 +330,20 @@ def test_dsb_sample_groups_are_the_ones_checked_by_eye(dsb_sample):
     assert len(groups) == 111 and set(groups.values()) <= set(GROUPS)
     assert {g: list(groups.values()).count(g) for g in GROUPS} == DSB_GROUPS
     assert {i: groups.get(i) for i in DSB_EXAMPLES} == DSB_EXAMPLES
+
+
+def test_dsb_sample_groups_survive_the_conversion(dsb_sample):
+    """Converted images read as something else (grey now, mostly dark backgrounds); the reader's
+    notes still give each its group."""
+    converted = {i: read_image(dsb_sample.image_path(i), integrity={}, modality="fluorescence")
+                 for i in DSB_EXAMPLES}
+    assert [image_group(converted[i]) for i in DSB_EXAMPLES] == ["fluorescence"] * 6 + ["brightfield"] + [
+        "fluorescence"] * 3
+    for sample_id, group in DSB_EXAMPLES.items():
+        integrity = {}
+        image = read_image(dsb_sample.image_path(sample_id), integrity=integrity, modality="fluorescence")
+        assert decoded_group(image, integrity) == group, sample_id
+        assert decoded_group(read_image(dsb_sample.image_path(sample_id))) == group  # kept: the image says it
 
 
 def test_dsb_sample_nuclei_are_bright_after_conversion(dsb_sample):
