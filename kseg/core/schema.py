@@ -325,6 +325,7 @@ class TrainSection(Section):
     deterministic: bool
     strategy: choice(STRATEGIES)
     mixed_precision: Annotated[Any, BeforeValidator(_precision)]
+    ema: Annotated[float, Field(ge=0, lt=1)]
     xla: bool
     runs_dir: Name
     verbose: choice(VERBOSITY)

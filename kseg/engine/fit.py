@@ -37,6 +37,7 @@ from kseg.core.pictures import unit_to_uint8
 from kseg.data.feeder import PrefetchedBatches
 from kseg.data.split import fold_clusters, split_ids
 from kseg.engine import snapshots
+from kseg.engine.averaging import ema_callbacks
 from kseg.engine.callbacks import (
     BaselineScores,
     EpochSync,
@@ -78,6 +79,9 @@ def optimizer(cfg: Config, steps_per_epoch: int):
     if t.schedule == "cosine":
         rate = keras.optimizers.schedules.CosineDecay(rate, decay_steps=max(1, t.epochs * steps_per_epoch),
                                                       alpha=0.05)
+    ema = float(t.get("ema", 0) or 0)
+    if ema:  # the average is swapped in for validation and checkpoints: kseg.engine.averaging
+        return keras.optimizers.Adam(learning_rate=rate, use_ema=True, ema_momentum=ema)
     return keras.optimizers.Adam(learning_rate=rate)
 
 
@@ -242,7 +246,9 @@ def _fit(cfg: Config, task: Task, run: Path, lock: runs.RunLock, start: float, p
         predictions = task.predict_many(inference, images)
         return {**score_predictions(task, predictions, truths), **score_groups(task, predictions, truths, groups)}
 
+    ema_in, ema_out = ema_callbacks() if float(t.get("ema", 0) or 0) else (None, None)
     callbacks = [
+        *([ema_in] if ema_in else []),  # the moving average in: validation and checkpoints see it
         EpochSync(built.batches),
         ValidationScore(validation_scores, every=int(t.score_every)),
         BaselineScores(baselines),
@@ -252,6 +258,7 @@ def _fit(cfg: Config, task: Task, run: Path, lock: runs.RunLock, start: float, p
         keras.callbacks.CSVLogger(str(run / runs.HISTORY), append=True),
         keras.callbacks.TensorBoard(log_dir=str(logs_dir), write_graph=False),
         *task.callbacks(inference, logs_dir, images, truths),
+        *([ema_out] if ema_out else []),  # the raw weights back before the snapshot: training goes on from them
         EpochSnapshots(run),
         keras.callbacks.TerminateOnNaN(raise_error=True),
     ]
