@@ -4,7 +4,8 @@
 config's fingerprint (the fold number left out), so running it again resumes: a finished fold is
 not retrained, an interrupted one resumes from its last snapshot, a fold that a live process trains
 is refused. After each fold, its held-out images are predicted by that fold's *last* checkpoint
-(the best one was picked on those very images) exactly as ``kseg submit`` predicts (original
+(the best one was picked on those very images; with ``train.average_checkpoints`` from the last k
+epochs, their average) exactly as ``kseg submit`` predicts (original
 size, the run's TTA) and saved once as out-of-fold (OOF) probabilities. Every training image is
 held out by exactly one fold, so the OOF predictions cover the training set once, each by a model
 that never trained on it.
@@ -70,6 +71,16 @@ OOF_DIR = "oof"
 OOF_SCORES = "oof.json"
 CURVES = "curves.png"
 OOF_CHECKPOINT = "last"
+
+
+def oof_checkpoint(cfg: Config) -> str:
+    """The checkpoint whose held-out predictions are the OOF ones: the last epoch's, or the average
+    of the last k epochs (``train.average_checkpoints`` with ``average_from: last``). Never one
+    chosen by its score on the held-out images (``best``), which would flatter the OOF score."""
+    t = cfg.train
+    if int(t.get("average_checkpoints", 0) or 0) and t.get("average_from", "last") == "last":
+        return "averaged"
+    return OOF_CHECKPOINT
 
 
 @dataclasses.dataclass
@@ -163,7 +174,7 @@ def train_fold(settings: dict, fold: int, folder: Path, device: str | None = Non
 def write_oof(run: Path, path: Path, progress: bool = True) -> Path:
     """The run's held-out images predicted by its last checkpoint, as ``submit`` predicts them,
     saved compressed: ``ids`` and one uint8 array per image (``p0``, ``p1``, ...)."""
-    member = load_run(run, checkpoint=OOF_CHECKPOINT)
+    member = load_run(run, checkpoint=oof_checkpoint(runs.run_config(run)))
     reader, valid_ids = validation_split(member.cfg)
     predictor = Predictor([member])
     arrays = {"ids": np.array(valid_ids)}
@@ -193,7 +204,7 @@ def _write_record(folder: Path, cfg: Config, fingerprint: str) -> None:
             and oof_path(folder, f).is_file()]
     record = {"dataset": cfg.dataset.name, "model": cfg.model.name, "n_folds": n_folds,
               "split_seed": int(cfg.split.seed), "fingerprint": fingerprint, "folds_done": done,
-              "oof_checkpoint": OOF_CHECKPOINT, "updated": datetime.now().isoformat(timespec="seconds")}
+              "oof_checkpoint": oof_checkpoint(cfg), "updated": datetime.now().isoformat(timespec="seconds")}
     atomic_write_text(folder / CV_FILE, json.dumps(record, indent=1))
 
 
@@ -249,7 +260,7 @@ def score_oof(folder: Path, overrides: Sequence[str] = (), params: dict | None =
         return {"images": len(selected), "score": float(np.mean([r["score"] for r in selected])),
                 "otsu": float(np.mean([r["otsu"] for r in selected]))}
 
-    scores = {"metric": fmt.metric, "postprocess": params, "checkpoint": OOF_CHECKPOINT, **summary(rows),
+    scores = {"metric": fmt.metric, "postprocess": params, "checkpoint": oof_checkpoint(cfg), **summary(rows),
               "folds": {str(f): summary([r for r in rows if r["fold"] == f]) for f in sorted({r["fold"] for r in rows})},
               "groups": {g: summary([r for r in rows if r["group"] == g]) for g in GROUPS
                          if any(r["group"] == g for r in rows)},
@@ -303,7 +314,7 @@ def tune_cv(folder: Path, overrides: Sequence[str] = (), progress: bool = True, 
     folder = Path(folder)
     read = cfg, cases = oof_cases(folder, overrides)
     found = search_postprocess([(truth, probs) for _, _, _, truth, probs, _ in cases], cfg, progress=progress, **grid)
-    record = {**found, "images": len(cases), "folds": finished_folds(folder), "checkpoint": OOF_CHECKPOINT,
+    record = {**found, "images": len(cases), "folds": finished_folds(folder), "checkpoint": oof_checkpoint(cfg),
               "oof": True, "tuned": datetime.now().isoformat(timespec="seconds")}
     atomic_write_text(folder / runs.TUNED, json.dumps(record, indent=1))
     score_oof(folder, overrides, read=read)

@@ -52,7 +52,8 @@ STRATEGIES = ("auto", "default", "mirrored")  # kseg.engine.distribute.STRATEGIE
 PRECISIONS = ("auto", "on", "off", "bfloat16", "float16")  # kseg.engine.precision
 AUGMENT_SEEDINGS = ("independent", "shared")  # kseg.data.augment.SEEDINGS
 VERBOSITY = (0, 1, 2)
-CHECKPOINTS = ("best", "last")  # kseg.tasks.base.CHECKPOINTS
+CHECKPOINTS = ("best", "last", "averaged")  # kseg.tasks.base.CHECKPOINTS
+AVERAGE_FROM = ("best", "last")  # kseg.engine.averaging.AVERAGE_FROM
 TTA_PRESETS = ("none", "flips", "rotations", "d4")  # kseg.tasks.semantic.predictor.TTA_PRESETS
 TTA_TRANSFORMS = ("identity", "flip_h", "flip_v", "rot90", "rot180", "rot270", "transpose",
                   "transverse")  # kseg.tasks.semantic.predictor.TRANSFORMS
@@ -326,6 +327,8 @@ class TrainSection(Section):
     strategy: choice(STRATEGIES)
     mixed_precision: Annotated[Any, BeforeValidator(_precision)]
     ema: Annotated[float, Field(ge=0, lt=1)]
+    average_checkpoints: Natural
+    average_from: choice(AVERAGE_FROM, "train.average_from")
     xla: bool
     runs_dir: Name
     verbose: choice(VERBOSITY)

@@ -31,13 +31,22 @@ import numpy as np
 from kseg.core import runs
 from kseg.core.config import Config
 from kseg.core.errors import ConfigError
-from kseg.core.fileio import atomic_write_text
+from kseg.core.fileio import atomic_path, atomic_write_text
 from kseg.core.log import get_logger
 from kseg.core.pictures import unit_to_uint8
 from kseg.data.feeder import PrefetchedBatches
 from kseg.data.split import fold_clusters, split_ids
 from kseg.engine import snapshots
-from kseg.engine.averaging import ema_callbacks
+from kseg.engine.averaging import (
+    AVERAGED,
+    EpochWeights,
+    average_weights,
+    chosen_epochs,
+    ema_callbacks,
+    epoch_file,
+    read_scores,
+    recompute_batchnorm,
+)
 from kseg.engine.callbacks import (
     BaselineScores,
     EpochSync,
@@ -83,6 +92,26 @@ def optimizer(cfg: Config, steps_per_epoch: int):
     if ema:  # the average is swapped in for validation and checkpoints: kseg.engine.averaging
         return keras.optimizers.Adam(learning_rate=rate, use_ema=True, ema_momentum=ema)
     return keras.optimizers.Adam(learning_rate=rate)
+
+
+def write_averaged(task: Task, built, inference: keras.Model, run: Path, k: int, average_from: str, images,
+                   truths) -> dict:
+    """Average the chosen epochs' weights into ``inference``, recompute BatchNorm's statistics on
+    training batches, save ``averaged.keras`` and score it on the validation images
+    (``kseg.engine.averaging``)."""
+    epochs = [e for e in chosen_epochs(read_scores(run), k, average_from) if epoch_file(run, e).is_file()]
+    if not epochs:
+        return {}
+    average_weights(inference, [epoch_file(run, e) for e in epochs])
+    built.batches.set_epoch(0)  # the first epoch's batches: the same whichever epoch training ended at
+    batches = recompute_batchnorm(inference, built.batches)
+    with atomic_path(run / AVERAGED, suffix=".tmp.keras") as tmp:
+        inference.save(tmp)
+    scores = score_predictions(task, task.predict_many(inference, images), truths)
+    score = scores[next(iter(scores))]
+    log.info(f"averaged epochs {epochs} ({average_from} {k}; BatchNorm statistics from {batches} training "
+             f"batches): {next(iter(scores))} {score:.4f} -> {run / AVERAGED}")
+    return {"epochs": epochs, "from": average_from, "batchnorm_batches": batches, "score": float(score)}
 
 
 def schedule_callbacks(cfg: Config, monitor: str) -> list[keras.callbacks.Callback]:
@@ -247,6 +276,8 @@ def _fit(cfg: Config, task: Task, run: Path, lock: runs.RunLock, start: float, p
         return {**score_predictions(task, predictions, truths), **score_groups(task, predictions, truths, groups)}
 
     ema_in, ema_out = ema_callbacks() if float(t.get("ema", 0) or 0) else (None, None)
+    average_k = int(t.get("average_checkpoints", 0) or 0)
+    average_from = str(t.get("average_from", "last"))
     callbacks = [
         *([ema_in] if ema_in else []),  # the moving average in: validation and checkpoints see it
         EpochSync(built.batches),
@@ -255,6 +286,7 @@ def _fit(cfg: Config, task: Task, run: Path, lock: runs.RunLock, start: float, p
         LearningRateLogger(),
         keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: lock.heartbeat()),
         InferenceCheckpoint(inference, run, monitor=monitor, mode="max"),
+        *([EpochWeights(inference, run, average_k, average_from, monitor)] if average_k else []),
         keras.callbacks.CSVLogger(str(run / runs.HISTORY), append=True),
         keras.callbacks.TensorBoard(log_dir=str(logs_dir), write_graph=False),
         *task.callbacks(inference, logs_dir, images, truths),
@@ -286,6 +318,9 @@ def _fit(cfg: Config, task: Task, run: Path, lock: runs.RunLock, start: float, p
         if fed is not None:
             fed.close()
 
+    averaged = {}
+    if average_k and is_chief():
+        averaged = write_averaged(task, built, inference, run, average_k, average_from, images, truths)
     share_chief_file(run / runs.BEST)  # every process scores the chief's best checkpoint
     best = load_model(run / runs.BEST) if (run / runs.BEST).is_file() else inference
     final = score_predictions(task, task.predict_many(best, images), truths)
@@ -297,6 +332,7 @@ def _fit(cfg: Config, task: Task, run: Path, lock: runs.RunLock, start: float, p
     seconds = time.perf_counter() - start
     summary = {"monitor": monitor, **scores, "baselines": baselines, "seconds": round(seconds, 1),
                "train_images": len(train_ids), "valid_images": len(valid_ids), "placement": placement,
+               **({"averaged": averaged} if averaged else {}),
                "warnings": warnings, "labels_changed": task.label_report(),
                "images_decoded": task.decoding_report()}
     atomic_write_text(run / runs.RESULTS, json.dumps(summary, indent=1, default=float))

@@ -43,7 +43,7 @@ from kseg.nn import registry
 
 # Packages whose import registers a built-in family (its models and its task).
 BUILTIN_TASKS = ("kseg.tasks.semantic", "kseg.tasks.ssd", "kseg.tasks.maskrcnn")
-CHECKPOINTS = ("best", "last")
+CHECKPOINTS = ("best", "last", "averaged")  # averaged: train.average_checkpoints (kseg.engine.averaging)
 
 
 @dataclasses.dataclass
