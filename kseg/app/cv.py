@@ -56,7 +56,7 @@ from kseg.engine.fit import train
 from kseg.io.modality import GROUPS, decoded_group
 from kseg.metrics.scores import score_image
 from kseg.submission.formats import get_format
-from kseg.tasks.base import load_run, task_class
+from kseg.tasks.base import load_members, task_class
 from kseg.tasks.semantic.postprocess import (
     POSTPROCESS_KEYS,
     probabilities_to_target,
@@ -74,10 +74,13 @@ OOF_CHECKPOINT = "last"
 
 
 def oof_checkpoint(cfg: Config) -> str:
-    """The checkpoint whose held-out predictions are the OOF ones: the last epoch's, or the average
-    of the last k epochs (``train.average_checkpoints`` with ``average_from: last``). Never one
-    chosen by its score on the held-out images (``best``), which would flatter the OOF score."""
+    """The checkpoint whose held-out predictions are the OOF ones: the last epoch's, the ensemble of
+    the cosine-restart cycles' snapshots (``predict.checkpoint: cycles``), or the average of the last
+    k epochs (``train.average_checkpoints`` with ``average_from: last``). Never one chosen by its
+    score on the held-out images (``best``), which would flatter the OOF score."""
     t = cfg.train
+    if cfg.predict.get("checkpoint") == "cycles":
+        return "cycles"
     if int(t.get("average_checkpoints", 0) or 0) and t.get("average_from", "last") == "last":
         return "averaged"
     return OOF_CHECKPOINT
@@ -174,9 +177,9 @@ def train_fold(settings: dict, fold: int, folder: Path, device: str | None = Non
 def write_oof(run: Path, path: Path, progress: bool = True) -> Path:
     """The run's held-out images predicted by its last checkpoint, as ``submit`` predicts them,
     saved compressed: ``ids`` and one uint8 array per image (``p0``, ``p1``, ...)."""
-    member = load_run(run, checkpoint=oof_checkpoint(runs.run_config(run)))
-    reader, valid_ids = validation_split(member.cfg)
-    predictor = Predictor([member])
+    members = load_members(run, checkpoint=oof_checkpoint(runs.run_config(run)))
+    reader, valid_ids = validation_split(members[0].cfg)
+    predictor = Predictor(members)
     arrays = {"ids": np.array(valid_ids)}
     for i, sample_id in enumerate(tqdm(valid_ids, desc=f"OOF {run.name}", unit="img", disable=not progress,
                                        file=sys.stderr)):

@@ -31,7 +31,7 @@ from kseg.io.modality import GROUPS, decoded_group
 from kseg.metrics.evaluators import MeanScore, evaluate
 from kseg.metrics.scores import score_image
 from kseg.submission.formats import get_format
-from kseg.tasks.base import load_run, task_class
+from kseg.tasks.base import load_members, task_class
 from kseg.tasks.semantic.postprocess import POSTPROCESS_KEYS, probabilities_to_target
 from kseg.tasks.semantic.predictor import Predictor
 
@@ -64,14 +64,14 @@ def tune_postprocess(run_dir: str | Path, overrides: Sequence[str] = (), thresho
     task = task_class(model_name)
     if task.kind != "semantic":
         raise ConfigError(task.tuning_hint.format(run=run_dir.name, model=model_name))
-    member = load_run(run_dir, overrides=overrides, checkpoint=str(run_cfg.predict.checkpoint))
-    cfg = member.cfg
+    members = load_members(run_dir, overrides=overrides, checkpoint=str(run_cfg.predict.checkpoint))
+    cfg = members[0].cfg
     reader, valid_ids = validation_split(cfg)
     if limit:
         valid_ids = valid_ids[:int(limit)]
     if not valid_ids:
         raise ConfigError("the validation split is empty; nothing to tune on")
-    predictor = Predictor([member])
+    predictor = Predictor(members)
     cases, groups = [], []
     for sample_id in tqdm(valid_ids, desc="validation predictions", unit="img", disable=not progress, file=sys.stderr):
         sample = reader.load(sample_id)
@@ -84,7 +84,7 @@ def tune_postprocess(run_dir: str | Path, overrides: Sequence[str] = (), thresho
         "groups": group_scores(cases, groups, found["params"], cfg),
         "images": len(valid_ids),
         "split": {"n_folds": cfg.split.n_folds, "fold": cfg.split.fold, "seed": cfg.split.seed},
-        "checkpoint": member.checkpoint,
+        "checkpoint": members[0].checkpoint if len(members) == 1 else "cycles",
         "tta": list(predictor.tta),
         "tuned": datetime.now().isoformat(timespec="seconds"),
     }

@@ -45,14 +45,14 @@ DETECTION_LOSSES = ("mining", "focal")  # kseg.tasks.ssd.model.MultiboxLossLayer
 POSTPROCESS_METHODS = ("components", "distance", "markers")  # kseg.tasks.semantic.postprocess.METHODS
 SECOND_CHANNELS = ("border", "center")
 LOSS_NAMES = ("bce", "ce", "dice", "bce_dice", "focal", "lovasz")  # kseg.tasks.semantic.losses.LOSS_NAMES
-SCHEDULES = ("plateau", "cosine", "constant")
+SCHEDULES = ("plateau", "cosine", "cosine_restarts", "constant")
 METRICS = ("iou_map", "f2", "tgs_iou_map", "dice")  # kseg.metrics.scores.METRICS
 TRAIN_METRICS = ("auto", "class_iou", *METRICS)
 STRATEGIES = ("auto", "default", "mirrored")  # kseg.engine.distribute.STRATEGIES
 PRECISIONS = ("auto", "on", "off", "bfloat16", "float16")  # kseg.engine.precision
 AUGMENT_SEEDINGS = ("independent", "shared")  # kseg.data.augment.SEEDINGS
 VERBOSITY = (0, 1, 2)
-CHECKPOINTS = ("best", "last", "averaged")  # kseg.tasks.base.CHECKPOINTS
+CHECKPOINTS = ("best", "last", "averaged", "cycles")  # kseg.tasks.base.CHECKPOINTS
 AVERAGE_FROM = ("best", "last")  # kseg.engine.averaging.AVERAGE_FROM
 TTA_PRESETS = ("none", "flips", "rotations", "d4")  # kseg.tasks.semantic.predictor.TTA_PRESETS
 TTA_TRANSFORMS = ("identity", "flip_h", "flip_v", "rot90", "rot180", "rot270", "transpose",
@@ -317,6 +317,7 @@ class TrainSection(Section):
     learning_rate: Positive
     schedule: choice(SCHEDULES, "train.schedule")
     plateau_patience: Natural
+    cycle_epochs: Natural
     early_stopping: Natural
     score_every: Count
     image_every: Count

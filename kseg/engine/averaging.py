@@ -19,6 +19,11 @@ averaged weights on training batches (the average of the epochs' statistics belo
 them), and the result is scored on the validation images and saved as ``averaged.keras``
 (``predict.checkpoint: averaged``). The last k epochs suit cross-validation: the best k were chosen
 on the validation images, which would flatter their out-of-fold score.
+
+**Snapshot ensembles** (``train.schedule: cosine_restarts``, ``train.cycle_epochs: N``). The
+learning rate follows a cosine from its full value down to 5 % over each cycle of N epochs, then
+restarts; the inference model at each cycle's end is kept as ``cycles/cycle-<k>.keras``, and
+``predict.checkpoint: cycles`` predicts with all of them, averaged like folds (TGS Salt's winners).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ EPOCHS_DIR = "epochs"  # the kept epochs' weights and their scores
 SCORES = "scores.json"
 AVERAGED = "averaged.keras"
 AVERAGE_FROM = ("best", "last")
+CYCLES_DIR = "cycles"  # kseg.tasks.base.CYCLES_DIR
 BATCHNORM_BATCHES = 50  # at most this many training batches recompute BatchNorm's statistics
 
 
@@ -199,3 +205,21 @@ def recompute_batchnorm(model: keras.Model, batches, limit: int = BATCHNORM_BATC
         for layer, momentum in zip(layers, momenta):
             layer.momentum = momentum
     return count
+
+
+# -- snapshot ensembles -------------------------------------------------------------------------------
+class CycleSnapshots(keras.callbacks.Callback):
+    """Saves the inference model as ``cycles/cycle-<k>.keras`` at the end of cycle k (every
+    ``cycle_epochs`` epochs); placed after the EMA swap-in like the checkpoints."""
+
+    def __init__(self, inference_model: keras.Model, run: Path, cycle_epochs: int):
+        super().__init__()
+        self.inference_model, self.run, self.cycle_epochs = inference_model, Path(run), int(cycle_epochs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if (epoch + 1) % self.cycle_epochs:
+            return
+        path = self.run / CYCLES_DIR / f"cycle-{(epoch + 1) // self.cycle_epochs:03d}.keras"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path, suffix=".tmp.keras") as tmp:
+            self.inference_model.save(tmp)

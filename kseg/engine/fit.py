@@ -39,6 +39,7 @@ from kseg.data.split import fold_clusters, split_ids
 from kseg.engine import snapshots
 from kseg.engine.averaging import (
     AVERAGED,
+    CycleSnapshots,
     EpochWeights,
     average_weights,
     chosen_epochs,
@@ -82,12 +83,23 @@ class TrainResult:
     warnings: list[str] = dataclasses.field(default_factory=list)
 
 
+def cycle_steps(cfg: Config, steps_per_epoch: int) -> int:
+    """Steps per cosine-restart cycle (``train.cycle_epochs`` epochs); a clear error when unset."""
+    cycle = int(cfg.train.get("cycle_epochs", 0) or 0)
+    if cycle < 1:
+        raise ConfigError("train.schedule=cosine_restarts needs train.cycle_epochs (epochs per cycle), e.g. 10")
+    return cycle * steps_per_epoch
+
+
 def optimizer(cfg: Config, steps_per_epoch: int):
     t = cfg.train
     rate = float(t.learning_rate)
     if t.schedule == "cosine":
         rate = keras.optimizers.schedules.CosineDecay(rate, decay_steps=max(1, t.epochs * steps_per_epoch),
                                                       alpha=0.05)
+    elif t.schedule == "cosine_restarts":
+        rate = keras.optimizers.schedules.CosineDecayRestarts(rate, first_decay_steps=cycle_steps(cfg, steps_per_epoch),
+                                                              t_mul=1.0, m_mul=1.0, alpha=0.05)
     ema = float(t.get("ema", 0) or 0)
     if ema:  # the average is swapped in for validation and checkpoints: kseg.engine.averaging
         return keras.optimizers.Adam(learning_rate=rate, use_ema=True, ema_momentum=ema)
@@ -233,6 +245,8 @@ def train(cfg: Config, run_dir: Path | None = None,
     start = time.perf_counter()
     t = cfg.train
     set_determinism(int(t.seed), bool(t.deterministic))
+    if t.schedule == "cosine_restarts":
+        cycle_steps(cfg, 1)  # a missing cycle length fails before a run directory exists
     ids, strata = task.prepare()
     train_ids, valid_ids = split_ids(cfg, ids, strata, fold_clusters(cfg, task.data))
     run, lock, _ = open_run(cfg, run_dir)
@@ -287,6 +301,7 @@ def _fit(cfg: Config, task: Task, run: Path, lock: runs.RunLock, start: float, p
         keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: lock.heartbeat()),
         InferenceCheckpoint(inference, run, monitor=monitor, mode="max"),
         *([EpochWeights(inference, run, average_k, average_from, monitor)] if average_k else []),
+        *([CycleSnapshots(inference, run, int(t.cycle_epochs))] if t.schedule == "cosine_restarts" else []),
         keras.callbacks.CSVLogger(str(run / runs.HISTORY), append=True),
         keras.callbacks.TensorBoard(log_dir=str(logs_dir), write_graph=False),
         *task.callbacks(inference, logs_dir, images, truths),

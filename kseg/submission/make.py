@@ -31,7 +31,7 @@ from kseg.submission.writing import (
     submission_path,
     write_submission,
 )
-from kseg.tasks.base import get_task, load_run
+from kseg.tasks.base import get_task, load_members
 
 log = get_logger("submission")
 
@@ -106,7 +106,7 @@ def open_runs(runs: Sequence[Path], overrides: Sequence[str] = ()):
     task = get_task(cfg)
     fmt = get_format(cfg.submission.format)
     task.check_format(fmt, runs, tuple(FORMATS.values()))
-    members = [load_run(r, str(cfg.predict.checkpoint), overrides) for r in runs]
+    members = [m for r in runs for m in load_members(r, str(cfg.predict.checkpoint), overrides)]
     return cfg, fmt, members, task.submission(members, fmt, overrides)
 
 

@@ -43,7 +43,10 @@ from kseg.nn import registry
 
 # Packages whose import registers a built-in family (its models and its task).
 BUILTIN_TASKS = ("kseg.tasks.semantic", "kseg.tasks.ssd", "kseg.tasks.maskrcnn")
-CHECKPOINTS = ("best", "last", "averaged")  # averaged: train.average_checkpoints (kseg.engine.averaging)
+# averaged: train.average_checkpoints; cycles: the snapshot of every cosine_restarts cycle, an ensemble
+# (kseg.engine.averaging)
+CHECKPOINTS = ("best", "last", "averaged", "cycles")
+CYCLES_DIR = "cycles"
 
 
 @dataclasses.dataclass
@@ -199,12 +202,27 @@ class LoadedModel:
     checkpoint: str
 
 
+def load_members(run_dir: str | Path, checkpoint: str = "best", overrides: Iterable[str] = ()) -> list[LoadedModel]:
+    """The models a run predicts with: its one checkpoint, or (``cycles``) the snapshot of every
+    cosine-restart cycle, which an ensemble averages like folds."""
+    if checkpoint != "cycles":
+        return [load_run(run_dir, checkpoint, overrides)]
+    run_dir = Path(run_dir)
+    files = sorted((run_dir / CYCLES_DIR).glob("cycle-*.keras"))
+    if not files:
+        raise DataError("no cycle snapshot (cycles/cycle-<k>.keras): train with train.schedule=cosine_restarts and "
+                        "train.cycle_epochs=N, or predict with another predict.checkpoint", run_dir)
+    cfg = run_config(run_dir, overrides)
+    divisor = int(registry.input_divisor(cfg.model.name, **dict(cfg.model.args or {})))
+    return [LoadedModel(run_dir, cfg, load_model(path), divisor, f"{CYCLES_DIR}/{path.stem}") for path in files]
+
+
 def load_run(run_dir: str | Path, checkpoint: str = "best", overrides: Iterable[str] = ()) -> LoadedModel:
     """Load ``best.keras`` (or ``last.keras``) of a run; ``best`` falls back to ``last`` when no
     epoch was scored."""
     run_dir = Path(run_dir)
-    if checkpoint not in CHECKPOINTS:
-        raise ConfigError(f"checkpoint {checkpoint!r} must be one of {CHECKPOINTS}")
+    if checkpoint not in CHECKPOINTS or checkpoint == "cycles":
+        raise ConfigError(f"checkpoint {checkpoint!r} must be one of {CHECKPOINTS[:-1]} (cycles: load_members)")
     cfg = run_config(run_dir, overrides)
     path = run_dir / f"{checkpoint}.keras"
     if not path.is_file() and checkpoint == "best" and (run_dir / runs.LAST).is_file():

@@ -65,7 +65,7 @@ def test_several_problems_are_all_listed_one_line_each():
         "generator.batch_size: must be at least 1 (got 0)",
         "postprocess.method: 'watershedd' is not one of components, distance, markers (did you mean 'distance'?)",
         "train.deterministic: 'yes please' is not a boolean (true or false)",
-        "predict.checkpoint: 'latest' is not one of best, last, averaged (did you mean 'last'?)",
+        "predict.checkpoint: 'latest' is not one of best, last, averaged, cycles (did you mean 'last'?)",
     ])
 
 
