@@ -51,7 +51,7 @@ RUN_OPTS = --dataset $(DATASET) \
 CV_OPTS = $(if $(CV),--cv "$(CV)")
 FILE_OPTS = $(if $(TEST_DIR),--test-dir "$(TEST_DIR)")
 
-.PHONY: help setup demo-data preprocess demo train cv submit predict tune validate evaluate test test-fast lint-imports bench \
+.PHONY: help setup demo-data preprocess demo train cv pseudo submit predict tune validate evaluate test test-fast lint-imports bench \
         tensorboard clean clean-cache clean-runs
 
 help:
@@ -60,6 +60,7 @@ help:
 	@echo "  submit       predict the test set with the newest run (RUN=dir...), write and validate the CSV (OUTPUT=file)"
 	@echo "  predict      predict INPUT (a folder of images) into PNG masks / label images in OUTPUT (a folder)"
 	@echo "  cv           train every fold of DATASET (resuming), keep and score the out-of-fold predictions"
+	@echo "  pseudo       pseudo-label TEST_DIR with CV's folds, then a CV round on train + pseudo-labels"
 	@echo "               (FOLDS=0,1 JOBS=2 DEVICES=0,1); then make tune CV=dir and make submit CV=dir"
 	@echo "  tune         tune post-processing on the run's validation split (CV=dir: on every OOF prediction)"
 	@echo "  validate     check a submission CSV (FILE=...)"
@@ -101,6 +102,11 @@ train: $(STAMP)
 # Trains every fold of DATASET's pipeline into runs/<dataset>-<model>-cv-<fingerprint>/ (a finished
 # fold is not retrained; an interrupted one resumes), keeps each fold's out-of-fold probabilities and
 # scores them overall and per image group against Otsu.
+# Pseudo-labels TEST_DIR's images with CV's folds and trains a new CV round on train + pseudo-labels
+# (OOF on real labels only): make pseudo CV=runs/dsb2018-unet-cv-... TEST_DIR=...
+pseudo: $(STAMP)
+	$(PY) -m kseg pseudo --cv "$(CV)" --test-dir "$(TEST_DIR)" $(foreach s,$(SET),--set $(s)) $(if $(JOBS),--jobs $(JOBS))
+
 cv: $(STAMP)
 	$(PY) -m kseg cv $(OPTS) $(if $(FOLDS),--folds $(FOLDS)) $(if $(JOBS),--jobs $(JOBS)) \
 	    $(if $(DEVICES),--devices $(DEVICES))

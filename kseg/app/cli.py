@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from kseg import __version__
 from kseg.app.cv import OOF_SCORES, cross_validate, submission_runs, tune_cv
 from kseg.app.evaluate import evaluate_submission
+from kseg.app.pseudo import HIGH, LOW, MIN_CONFIDENT, pseudo_round
 from kseg.app.predict import PROBABILITIES_SUFFIX, predict_images
 from kseg.app.tune import tune_postprocess
 from kseg.core import runs
@@ -109,6 +110,20 @@ def cmd_cv(args) -> int:
                             progress=not getattr(args, "quiet", False))
     print(f"cv folder: {result.folder}")
     print_oof(result.scores)
+    return 0
+
+
+def cmd_pseudo(args) -> int:
+    """Pseudo-label a test folder with a CV folder's folds, then a CV round on train + pseudo-labels."""
+    numbers = [int(v) for v in args.folds.split(",")] if args.folds else None
+    before = json.loads((Path(args.cv) / OOF_SCORES).read_text()) if (Path(args.cv) / OOF_SCORES).is_file() else None
+    result = pseudo_round(args.cv, args.test_dir, low=args.low, high=args.high, min_confident=args.min_confident,
+                          overrides=args.overrides, folds=numbers, jobs=args.jobs, progress=not args.quiet)
+    print(f"cv folder with pseudo-labels: {result.folder}")
+    print_oof(result.scores)
+    if before is not None:
+        print(f"out-of-fold {before['metric']} before pseudo-labels: {before['score']:.4f} "
+              f"({result.scores['score'] - before['score']:+.4f})")
     return 0
 
 
@@ -344,6 +359,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="comma-separated GPU ids: one fold job per GPU, each seeing only its own")
     cv.add_argument("--quiet", action="store_true", help="no progress bars")
     cv.set_defaults(func=cmd_cv)
+
+    pseudo = commands.add_parser("pseudo", help="pseudo-label a test folder with a CV folder's folds, then train a "
+                                                 "CV round on train + pseudo-labels")
+    pseudo.add_argument("--cv", required=True, metavar="DIR", help="CV folder (make cv) whose folds label the images")
+    pseudo.add_argument("--test-dir", required=True, metavar="DIR", help="unlabelled images (the dataset's layout)")
+    pseudo.add_argument("--low", type=float, default=LOW, help=f"confident background at or below (default {LOW})")
+    pseudo.add_argument("--high", type=float, default=HIGH, help=f"confident foreground at or above (default {HIGH})")
+    pseudo.add_argument("--min-confident", type=float, default=MIN_CONFIDENT,
+                        help=f"keep an image when this share of its pixels is confident (default {MIN_CONFIDENT})")
+    pseudo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value of the new round, e.g. --set train.epochs=20 (repeatable)")
+    pseudo.add_argument("--folds", default=None, help="comma-separated folds to train (default: all)")
+    pseudo.add_argument("--jobs", type=int, default=1, help="folds trained at once, as separate processes")
+    pseudo.add_argument("--quiet", action="store_true", help="no progress bars")
+    pseudo.set_defaults(func=cmd_pseudo)
 
     def run_options(sub):
         sub.add_argument("--run", action="append", default=[], metavar="DIR",

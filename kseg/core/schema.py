@@ -235,6 +235,7 @@ class DatasetSection(Section):
     sample_submission: Optional[str]
     solution: Optional[str]
     demo: bool
+    pseudo: Optional[str]
     options: FreeForm
     demo_args: FreeForm = None  # read by the demo writer; not in _base.yaml
 

@@ -11,6 +11,7 @@ from kseg.core.errors import ConfigError, DataError
 from kseg.core.log import get_logger
 from kseg.data.preprocess import PreprocessedDataset, PreprocessSettings, preprocess
 from kseg.io.demo import write_demo_dataset
+from kseg.io.pseudo import PseudoLabels, WithPseudoLabels
 from kseg.io.readers import open_dataset
 
 
@@ -29,15 +30,21 @@ def data_root(cfg: Config) -> Path:
 
 
 def train_reader(cfg: Config):
-    """The reader for the labelled part of the dataset, chosen by ``dataset.layout``."""
+    """The reader for the labelled part of the dataset, chosen by ``dataset.layout`` (with
+    ``dataset.pseudo``, the pseudo-labelled images beside it, ids prefixed ``pseudo/``)."""
 
     root = data_root(cfg)
     section = cfg.dataset
     options = dict(section.options or {})
     train = root / section.train if section.train else root
     masks = root / section.masks if section.masks else None
-    return open_dataset(section.layout, train, masks=masks, intensity=cfg.preprocess.intensity,
+    real = open_dataset(section.layout, train, masks=masks, intensity=cfg.preprocess.intensity,
                         modality=cfg.preprocess.get("modality", "keep"), **options)
+    if not section.get("pseudo"):
+        return real
+    pseudo = PseudoLabels(project_path(section.pseudo), cfg.preprocess.intensity,
+                          cfg.preprocess.get("modality", "keep"))
+    return WithPseudoLabels(real, pseudo)
 
 
 def preprocess_settings(cfg: Config) -> PreprocessSettings:

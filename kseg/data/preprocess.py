@@ -248,12 +248,15 @@ def process_sample(sample: Sample, settings: PreprocessSettings) -> dict[str, np
     target = sample.target
     if target is not None:
         target = target.astype(np.int32 if sample.labels is not None else np.uint8)
-    valid = None
+    valid = None if getattr(sample, "loss_mask", None) is None else (np.asarray(sample.loss_mask) > 0)
     if settings.mode == "resize":
+        if valid is not None:
+            height, width = settings.size
+            valid = cv2.resize(valid.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST) > 0
         image, target = resize_sample(image, target, settings.size)
     elif settings.mode == "pad":
         pads = pad_amounts(image.shape[0], image.shape[1], settings.size)
-        valid = np.pad(np.ones(image.shape[:2], bool), pads)
+        valid = np.pad(np.ones(image.shape[:2], bool) if valid is None else valid, pads)
         image = np.pad(image, (*pads, (0, 0)), mode="reflect" if min(image.shape[:2]) > 1 else "edge")
         if target is not None:
             target = np.pad(target, pads)
@@ -275,7 +278,7 @@ def process_sample(sample: Sample, settings: PreprocessSettings) -> dict[str, np
         weight = unet_weight_map(regions.astype(np.int32), w0=settings.w0, sigma=settings.sigma,
                                  class_weights=class_weights)
     if valid is not None:
-        weight = weight * valid  # padded pixels carry no loss
+        weight = weight * valid  # padded pixels and untrusted (pseudo-)labels carry no loss
     arrays["weight"] = weight.astype(np.float32)
     return arrays
 

@@ -13,6 +13,7 @@ from kseg.core.config import Config, project_path
 from kseg.core.errors import ConfigError
 from kseg.data.duplicates import near_duplicate_clusters
 from kseg.data.preprocess import PreprocessedDataset
+from kseg.io.pseudo import is_pseudo
 
 
 def strata(data: PreprocessedDataset, root: Path | None = None) -> list[str]:
@@ -21,8 +22,9 @@ def strata(data: PreprocessedDataset, root: Path | None = None) -> list[str]:
     styles = {}
     if root is not None and (root / "styles.json").is_file():
         styles = json.loads((root / "styles.json").read_text())
-    if styles and all(i in styles for i in data.ids):
-        return [str(styles[i]) for i in data.ids]
+    real = [i for i in data.ids if not is_pseudo(i)]
+    if styles and all(i in styles for i in real):
+        return [str(styles[i]) if i in styles else "pseudo" for i in data.ids]
     coverage = []
     for sample_id in data.ids:
         target = data.load(sample_id).get("target")
@@ -85,8 +87,15 @@ def fold_clusters(cfg: Config, data: PreprocessedDataset | None) -> list[int] | 
 
 def split_ids(cfg: Config, ids, groups: list[str] | None = None,
               clusters: list[int] | None = None) -> tuple[list[str], list[str]]:
-    """(train ids, validation ids) of the configured fold (``split.n_folds``, ``fold``, ``seed``)."""
-    return kfold_split(list(ids), cfg.split.n_folds, cfg.split.fold, cfg.split.seed, groups, clusters)
+    """(train ids, validation ids) of the configured fold (``split.n_folds``, ``fold``, ``seed``).
+    Pseudo-labelled ids (``kseg.io.pseudo``) always train and never validate; the real ids are
+    split exactly as they would be without them."""
+    ids = list(ids)
+    real = [k for k, i in enumerate(ids) if not is_pseudo(i)]
+    pick = (lambda values: None if values is None else [values[k] for k in real])
+    train, valid = kfold_split([ids[k] for k in real], cfg.split.n_folds, cfg.split.fold, cfg.split.seed,
+                               pick(groups), pick(clusters))
+    return train + [i for i in ids if is_pseudo(i)], valid
 
 
 def dataset_split(cfg: Config, data: PreprocessedDataset) -> tuple[list[str], list[str]]:

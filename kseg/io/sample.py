@@ -33,6 +33,9 @@ class Sample:
     uint8 H x W class-index mask for semantic ones (H x W x C of 0/1 when classes may overlap);
     test samples have neither.
 
+    ``loss_mask`` (uint8 H x W, 0/1), when given, marks the pixels whose labels are trusted: the
+    others get weight 0 in the weight map, so the in-graph loss ignores them (pseudo-labels).
+
     ``integrity`` records what the reader assumed or repaired in the labels instead of failing,
     ``{kind: {"count": n, "examples": [names], "pixels": n}}`` (``pixels`` only where pixels
     moved); empty when the labels are exactly what the files say. Preprocessing sums it over the
@@ -45,6 +48,7 @@ class Sample:
     mask: np.ndarray | None = None
     path: str | None = None
     integrity: dict[str, dict] = dataclasses.field(default_factory=dict)
+    loss_mask: np.ndarray | None = None
 
     @property
     def target(self) -> np.ndarray | None:

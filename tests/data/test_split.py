@@ -275,3 +275,14 @@ def test_split_ids_uses_clusters_only_when_configured(tmp_path):
         assert ("left" in valid) == ("right" in valid)
     with pytest.raises(ConfigError, match="near_duplicates"):
         fold_clusters(on, None)
+
+
+def test_pseudo_labelled_ids_always_train_and_leave_the_real_folds_alone():
+    cfg = Config({"split": {"n_folds": 5, "fold": 2, "seed": 3}})
+    groups = ["a", "b", "c"] * 7 + ["a", "b"]
+    ids = ["pseudo/x", *IDS[:10], "pseudo/y", *IDS[10:]]
+    strata = ["pseudo", *groups[:10], "pseudo", *groups[10:]]
+    train, valid = split_ids(cfg, ids, strata)
+    real_train, real_valid = kfold_split(IDS, 5, 2, 3, groups)
+    assert valid == real_valid
+    assert train == real_train + ["pseudo/x", "pseudo/y"]
