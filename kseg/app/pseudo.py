@@ -70,7 +70,7 @@ def pseudo_label(cv: str | Path, test_dir: str | Path, *, low: float = LOW, high
         log.info(f"pseudo-labels already made: {out}")
         return out
     runs, tuned = submission_runs(cv)
-    cfg, fmt, members, submission = open_runs(runs, [*tuned, *overrides])
+    cfg, fmt, _, submission = open_runs(runs, [*tuned, *overrides])
     if fmt.rows not in ("instance", "image"):
         raise ConfigError(f"pseudo-labels are instance label images or masks; format {fmt.name} writes "
                           f"{fmt.rows} rows")

@@ -7,7 +7,11 @@ import numpy as np
 import pytest
 
 from kseg.data import duplicates
-from kseg.data.duplicates import clusters_from_pairs, near_duplicate_clusters, near_duplicate_pairs
+from kseg.data.duplicates import (
+    clusters_from_pairs,
+    near_duplicate_clusters,
+    near_duplicate_pairs,
+)
 
 
 def nuclei(shape=(600, 800), count=220, seed=0) -> np.ndarray:

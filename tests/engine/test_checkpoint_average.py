@@ -13,20 +13,12 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from recorders import EpochEndWeights  # noqa: E402
 from test_fit import history_rows, tiny_config  # noqa: E402
 
 from kseg.engine.averaging import batch_images, batchnorm_layers, chosen_epochs  # noqa: E402
 from kseg.engine.fit import train  # noqa: E402
 from kseg.tasks.base import get_task, load_run  # noqa: E402
-
-
-class EpochEndWeights(keras.callbacks.Callback):
-    def __init__(self):
-        super().__init__()
-        self.epochs: list[dict[str, np.ndarray]] = []
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.epochs.append({v.path: keras.ops.convert_to_numpy(v.value).copy() for v in self.model.trainable_variables})
 
 
 def trainable(model) -> dict[str, np.ndarray]:

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_fit import history_rows, tiny_config  # noqa: E402
+from recorders import trainable_weights  # noqa: E402
+from test_fit import Interrupt, history_rows, tiny_config  # noqa: E402
 
 from kseg.engine.fit import train  # noqa: E402
 
@@ -28,7 +29,7 @@ class RawWeights(keras.callbacks.Callback):
         self.epoch_ends: list[int] = []  # steps done at each epoch's end
 
     def on_train_batch_end(self, batch, logs=None):
-        self.steps.append({v.path: keras.ops.convert_to_numpy(v.value).copy() for v in self.model.trainable_variables})
+        self.steps.append(trainable_weights(self.model))
 
     def on_epoch_end(self, epoch, logs=None):
         self.epoch_ends.append(len(self.steps))
@@ -72,19 +73,6 @@ def test_checkpoints_and_validation_use_the_moving_average(demo_root, tmp_path):
     assert float(rows[best_epoch]["val_iou_map"]) == pytest.approx(result.val_score, abs=1e-12)
 
 
-class StopInEpoch(keras.callbacks.Callback):
-    """Ctrl-C after the first step of ``epoch``."""
-
-    def __init__(self, epoch):
-        super().__init__()
-        self.epoch, self.current = epoch, -1
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.current = epoch
-
-    def on_train_batch_end(self, batch, logs=None):
-        if self.current == self.epoch:
-            raise KeyboardInterrupt
 
 
 def test_a_resumed_run_continues_the_average(demo_root, tmp_path):
@@ -93,7 +81,7 @@ def test_a_resumed_run_continues_the_average(demo_root, tmp_path):
     cfg = tiny_config(demo_root, tmp_path, f"train.ema={MOMENTUM}", "train.epochs=3", "train.mixed_precision=off")
     recorder = RawWeights()
     with pytest.raises(KeyboardInterrupt):
-        train(cfg, extra_callbacks=[recorder, StopInEpoch(1)])
+        train(cfg, extra_callbacks=[recorder, Interrupt(epoch=1)])
     assert recorder.epoch_ends == [2] and len(recorder.steps) == 3
     del recorder.steps[2:]  # the interrupted epoch is replayed from its start
     result = train(cfg, extra_callbacks=[recorder])

@@ -12,21 +12,13 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from recorders import EpochEndWeights  # noqa: E402
 from test_fit import history_rows, tiny_config  # noqa: E402
 
 from kseg.core.errors import ConfigError  # noqa: E402
 from kseg.engine.fit import train  # noqa: E402
 from kseg.tasks.base import load_members  # noqa: E402
 from kseg.tasks.semantic.predictor import Predictor  # noqa: E402
-
-
-class EpochEndWeights(keras.callbacks.Callback):
-    def __init__(self):
-        super().__init__()
-        self.epochs: list[dict[str, np.ndarray]] = []
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.epochs.append({v.path: keras.ops.convert_to_numpy(v.value).copy() for v in self.model.trainable_variables})
 
 
 def cosine_with_restarts(step: int, cycle: int, rate: float, alpha: float = 0.05) -> float:
