@@ -44,7 +44,8 @@ TARGET_CLASSES = "classes"  # kseg.tasks.semantic.targets.CLASSES
 DETECTION_LOSSES = ("mining", "focal")  # kseg.tasks.ssd.model.MultiboxLossLayer.LOSSES
 POSTPROCESS_METHODS = ("components", "distance", "markers")  # kseg.tasks.semantic.postprocess.METHODS
 SECOND_CHANNELS = ("border", "center")
-LOSS_NAMES = ("bce", "ce", "dice", "bce_dice", "focal", "lovasz")  # kseg.tasks.semantic.losses.LOSS_NAMES
+LOSS_NAMES = ("bce", "ce", "dice", "bce_dice", "focal", "lovasz", "tversky")  # kseg.tasks.semantic.losses
+COMBINABLE_LOSSES = ("bce", "dice", "bce_dice", "focal", "lovasz", "tversky")  # a {name: weight} train.loss
 SCHEDULES = ("plateau", "cosine", "cosine_restarts", "constant")
 METRICS = ("iou_map", "f2", "tgs_iou_map", "dice")  # kseg.metrics.scores.METRICS
 TRAIN_METRICS = ("auto", "class_iou", *METRICS)
@@ -121,6 +122,24 @@ def _is_int(value: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _loss(value: Any) -> Any:
+    """A loss name, or a combination by weight such as ``{bce: 3, dice: 1, focal: 4}``."""
+    if isinstance(value, Mapping):
+        if not value:
+            raise _problem("an empty loss combination: name losses with weights, e.g. {bce: 3, dice: 1}")
+        for name, weight in value.items():
+            if name not in COMBINABLE_LOSSES:
+                hint = suggestion(name, list(COMBINABLE_LOSSES), None)
+                raise _problem(f"{show(name)} cannot be combined; combine {_one_of(COMBINABLE_LOSSES)}{hint}")
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+                raise _problem(f"the weight of {name} must be a positive number (got {show(weight)})")
+        return value
+    if isinstance(value, str) and value in LOSS_NAMES:
+        return value
+    hint = suggestion(value, list(LOSS_NAMES), None) if isinstance(value, str) else ""
+    raise _problem(f"{show(value)} is not one of {_one_of(LOSS_NAMES)} or a {{loss: weight}} combination{hint}")
 
 
 def _precision(value: Any) -> Any:
@@ -313,7 +332,7 @@ class PostprocessSection(Section):
 class TrainSection(Section):
     epochs: Count
     steps_per_epoch: Optional[Count]
-    loss: choice(LOSS_NAMES)
+    loss: Annotated[Any, BeforeValidator(_loss)]
     loss_args: FreeForm
     learning_rate: Positive
     schedule: choice(SCHEDULES, "train.schedule")

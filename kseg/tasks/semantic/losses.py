@@ -1,11 +1,14 @@
-"""Segmentation losses: pixel-weighted BCE / CE, soft Dice, BCE+Dice, focal and Lovasz hinge; and, at
+"""Segmentation losses: pixel-weighted BCE / CE, soft Dice, BCE+Dice, focal, Tversky / focal Tversky,
+Lovasz hinge (plain or symmetric) and weighted combinations of them; and, at
 the end of the module, the SSD multibox losses (hard negative mining or focal) over default boxes
 and the Mask R-CNN losses (RPN objectness and boxes, box head class and boxes, mask head).
 
 Each loss is a pair, as in Keras core: a pure function ``f(y_true, y_pred, weight_map=None, ...)``
 returning a scalar, and a registered ``keras.losses.Loss`` subclass for ``compile(loss=...)``.
 ``get_loss(name, **kwargs)`` builds the class from a config string, ``loss_function(name)``
-returns the function. The math is ``keras.ops`` only, so every backend runs it.
+returns the function. The math is ``keras.ops`` only, so every backend runs it. A combination by
+weight (``train.loss: {bce: 3, dice: 1, focal: 4}``) is ``combined_loss`` with ``weights`` and each
+component's ``args``: the weighted sum of the components, each given the same weight map.
 
 Shapes (channels last): ``y_pred`` is ``(B, H, W, C)``. Sigmoid losses take ``y_true`` as
 ``(B, H, W, C)`` in {0, 1} (or ``(B, H, W)`` when C is 1); ``weighted_ce`` takes integer class
@@ -56,11 +59,13 @@ __all__ = [
     "WeightedCE",
     "bce_dice",
     "check_loss_args",
+    "combined_loss",
     "focal_loss",
     "get_loss",
     "loss_function",
     "lovasz_hinge",
     "soft_dice",
+    "tversky_loss",
     "weighted_bce",
     "weighted_ce",
 ]
@@ -149,6 +154,20 @@ def _dice_per_image(y_true, y_pred, weight_map=None, smooth=1.0, from_logits=Fal
     return 1.0 - ops.mean(dice, axis=-1)
 
 
+def _tversky_per_image(y_true, y_pred, weight_map=None, alpha=0.3, beta=0.7, gamma=1.0, smooth=1.0,
+                       from_logits=False):
+    y_true, y_pred, weight_map = _prepare(y_true, y_pred, weight_map)
+    p = ops.sigmoid(y_pred) if from_logits else y_pred
+    spatial = tuple(range(1, _ndim(p) - 1))
+    overlap, false_pos, false_neg = y_true * p, (1.0 - y_true) * p, y_true * (1.0 - p)
+    if weight_map is not None:
+        overlap, false_pos, false_neg = overlap * weight_map, false_pos * weight_map, false_neg * weight_map
+    intersection = ops.sum(overlap, axis=spatial)  # (B, C)
+    index = (intersection + smooth) / (intersection + alpha * ops.sum(false_pos, axis=spatial)
+                                       + beta * ops.sum(false_neg, axis=spatial) + smooth)
+    return ops.mean(ops.power(ops.relu(1.0 - index), gamma), axis=-1)
+
+
 def _bce_dice_per_image(y_true, y_pred, weight_map=None, bce_weight=1.0, dice_weight=1.0, smooth=1.0,
                         from_logits=False):
     bce = _bce_per_image(y_true, y_pred, weight_map, from_logits=from_logits)
@@ -186,13 +205,20 @@ def _lovasz_flat(errors, labels, valid):
     return ops.sum(ops.relu(errors_sorted * valid_sorted) * grad, axis=-1)
 
 
-def _lovasz_per_image(y_true, y_pred, weight_map=None, per_image=True, from_logits=False):
+def _lovasz_per_image(y_true, y_pred, weight_map=None, per_image=True, symmetric=False, from_logits=False):
     y_true, y_pred, weight_map = _prepare(y_true, y_pred, weight_map)
     if from_logits:
         logits = y_pred
     else:
         p = clip_probabilities(y_pred)
         logits = ops.log(p) - ops.log1p(-p)
+    if symmetric:  # the background as a class of its own too (TGS Salt's winners): mean of both hinges
+        return 0.5 * (_lovasz_of_logits(y_true, logits, weight_map, per_image)
+                      + _lovasz_of_logits(1.0 - y_true, -logits, weight_map, per_image))
+    return _lovasz_of_logits(y_true, logits, weight_map, per_image)
+
+
+def _lovasz_of_logits(y_true, logits, weight_map, per_image):
     errors = 1.0 - logits * (2.0 * y_true - 1.0)
     valid = ops.ones_like(errors)
     if weight_map is not None:
@@ -247,14 +273,44 @@ def focal_loss(y_true, y_pred, weight_map=None, alpha=0.25, gamma=2.0, from_logi
                                      from_logits=from_logits))
 
 
-def lovasz_hinge(y_true, y_pred, weight_map=None, per_image=True, from_logits=False):
+def lovasz_hinge(y_true, y_pred, weight_map=None, per_image=True, symmetric=False, from_logits=False):
     """Lovasz hinge (Berman et al. 2018) of binary masks, per image and channel by default.
 
     ``y_pred`` holds probabilities unless ``from_logits`` (see the module notes). A weight map
     scales each pixel's hinge error before the sort; a zero weight drops the pixel (``ignore``).
-    ``per_image=False`` computes one loss over the whole batch per channel.
+    ``per_image=False`` computes one loss over the whole batch per channel. ``symmetric=True``
+    averages it with the hinge of the inverted problem (background as foreground, logits negated),
+    so background and foreground errors count alike (TGS Salt's winners, whose images were often
+    empty).
     """
-    return ops.mean(_lovasz_per_image(y_true, y_pred, weight_map, per_image=per_image, from_logits=from_logits))
+    return ops.mean(_lovasz_per_image(y_true, y_pred, weight_map, per_image=per_image, symmetric=symmetric,
+                                      from_logits=from_logits))
+
+
+def tversky_loss(y_true, y_pred, weight_map=None, alpha=0.3, beta=0.7, gamma=1.0, smooth=1.0, from_logits=False):
+    """``(1 - T)^gamma`` per image and channel, ``T = (TP + s) / (TP + alpha FP + beta FN + s)`` with
+    weighted soft counts (Salehi et al. 2017; ``gamma < 1`` is the focal Tversky loss of Abraham and
+    Khan 2019, e.g. 0.75). ``beta > alpha`` costs a missed pixel more than a false one; ``alpha =
+    beta = 0.5`` is soft Dice with ``smooth`` doubled.
+    """
+    return ops.mean(_tversky_per_image(y_true, y_pred, weight_map, alpha=alpha, beta=beta, gamma=gamma,
+                                       smooth=smooth, from_logits=from_logits))
+
+
+def _combined_per_image(y_true, y_pred, weight_map=None, weights=None, args=None):
+    args = dict(args or {})
+    total = None
+    for name, weight in dict(weights or {}).items():
+        term = float(weight) * _PER_IMAGE[name](y_true, y_pred, weight_map, **dict(args.get(name) or {}))
+        total = term if total is None else total + term
+    return total
+
+
+def combined_loss(y_true, y_pred, weight_map=None, weights=None, args=None):
+    """``sum weights[name] * loss(name)``, e.g. ``weights={"bce": 3, "dice": 1, "focal": 4}``; ``args``
+    maps a component to its keyword arguments (``{"focal": {"gamma": 1.0}}``). Sigmoid losses only
+    (``ce`` takes class indices, the others masks)."""
+    return ops.mean(_combined_per_image(y_true, y_pred, weight_map, weights=weights, args=args))
 
 
 # -- Loss classes -------------------------------------------------------------------------------------
@@ -371,17 +427,52 @@ class LovaszHinge(_SegmentationLoss):
     """
 
     @staticmethod
-    def _per_image(y_true, y_pred, weight_map=None, per_image=True, from_logits=False):
-        return _lovasz_per_image(y_true, y_pred, weight_map, per_image=per_image, from_logits=from_logits)
+    def _per_image(y_true, y_pred, weight_map=None, per_image=True, symmetric=False, from_logits=False):
+        return _lovasz_per_image(y_true, y_pred, weight_map, per_image=per_image, symmetric=symmetric,
+                                 from_logits=from_logits)
 
-    def __init__(self, per_image=True, from_logits=False, reduction="sum_over_batch_size", name="lovasz_hinge",
-                 dtype=None):
+    def __init__(self, per_image=True, symmetric=False, from_logits=False, reduction="sum_over_batch_size",
+                 name="lovasz_hinge", dtype=None):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         self.per_image = bool(per_image)
+        self.symmetric = bool(symmetric)
         self.from_logits = bool(from_logits)
 
     def _loss_args(self):
-        return {"per_image": self.per_image, "from_logits": self.from_logits}
+        return {"per_image": self.per_image, "symmetric": self.symmetric, "from_logits": self.from_logits}
+
+
+@keras.saving.register_keras_serializable(package="kseg")
+class TverskyLoss(_SegmentationLoss):
+    """Keras Loss for ``tversky_loss`` (``gamma < 1``: focal Tversky)."""
+
+    _per_image = staticmethod(_tversky_per_image)
+
+    def __init__(self, alpha=0.3, beta=0.7, gamma=1.0, smooth=1.0, from_logits=False,
+                 reduction="sum_over_batch_size", name="tversky", dtype=None):
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        self.alpha, self.beta, self.gamma, self.smooth = float(alpha), float(beta), float(gamma), float(smooth)
+        self.from_logits = bool(from_logits)
+
+    def _loss_args(self):
+        return {"alpha": self.alpha, "beta": self.beta, "gamma": self.gamma, "smooth": self.smooth,
+                "from_logits": self.from_logits}
+
+
+@keras.saving.register_keras_serializable(package="kseg")
+class CombinedLoss(_SegmentationLoss):
+    """Keras Loss for ``combined_loss``."""
+
+    _per_image = staticmethod(_combined_per_image)
+
+    def __init__(self, weights=None, args=None, reduction="sum_over_batch_size", name="combined", dtype=None):
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        check_loss_args("combined", {"weights": weights, "args": args})
+        self.weights = {str(k): float(v) for k, v in dict(weights).items()}
+        self.args = {str(k): dict(v or {}) for k, v in dict(args or {}).items()}
+
+    def _loss_args(self):
+        return {"weights": dict(self.weights), "args": {k: dict(v) for k, v in self.args.items()}}
 
 
 # -- registry -------------------------------------------------------------------------------------------
@@ -392,10 +483,16 @@ _REGISTRY: dict[str, tuple[Callable, type]] = {
     "bce_dice": (bce_dice, BCEDice),
     "focal": (focal_loss, FocalLoss),
     "lovasz": (lovasz_hinge, LovaszHinge),
+    "tversky": (tversky_loss, TverskyLoss),
+    "combined": (combined_loss, CombinedLoss),
 }
+_PER_IMAGE: dict[str, Callable] = {
+    "bce": _bce_per_image, "dice": _dice_per_image, "bce_dice": _bce_dice_per_image, "focal": _focal_per_image,
+    "lovasz": _lovasz_per_image, "tversky": _tversky_per_image,
+}  # what a combination may hold: the sigmoid losses
 
 
-LOSS_NAMES = tuple(_REGISTRY)
+LOSS_NAMES = tuple(name for name in _REGISTRY if name != "combined")  # a combination is a {name: weight} mapping
 
 
 def _lookup(name: str) -> tuple[Callable, type]:
@@ -419,7 +516,24 @@ def get_loss(name: str, **kwargs) -> keras.losses.Loss:
 
 
 def check_loss_args(name: str, kwargs: dict) -> None:
-    """Raise ConfigError unless ``kwargs`` are keyword arguments of the function ``name``."""
+    """Raise ConfigError unless ``kwargs`` are keyword arguments of the function ``name`` (for
+    ``combined``: known components with positive weights, each with its own valid arguments)."""
+    if name == "combined":
+        weights, args = dict(kwargs.get("weights") or {}), dict(kwargs.get("args") or {})
+        unknown = sorted(set(kwargs) - {"weights", "args"})
+        if unknown or not weights:
+            raise ConfigError(f"a loss combination takes weights (e.g. {{bce: 3, dice: 1}}) and args; got {sorted(kwargs)}")
+        for component, weight in weights.items():
+            if component not in _PER_IMAGE:
+                raise ConfigError(f"loss {component!r} cannot be combined; combine {', '.join(_PER_IMAGE)}")
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+                raise ConfigError(f"loss combination weight of {component!r} must be a positive number, not {weight!r}")
+        strays = sorted(set(args) - set(weights))
+        if strays:
+            raise ConfigError(f"loss arguments for {strays}, which the combination {sorted(weights)} does not hold")
+        for component, component_args in args.items():
+            check_loss_args(component, dict(component_args or {}))
+        return
     parameters = inspect.signature(loss_function(name)).parameters
     allowed = [k for k in parameters if k not in ("y_true", "y_pred", "weight_map")]
     unknown = sorted(set(kwargs) - set(allowed))

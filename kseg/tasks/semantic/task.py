@@ -12,7 +12,7 @@ all-empty, all-foreground, and Otsu + connected components.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +51,10 @@ def build_models(cfg: Config, channels: int):
         args.pop("n_classes", None)
         args["targets"] = targets
     inference = build_model(cfg.model.name, input_shape=(None, None, channels), **args)
-    training = build_training_model(inference, loss=cfg.train.loss, loss_kwargs=dict(cfg.train.loss_args or {}))
+    loss, loss_args = cfg.train.loss, cfg.to_dict()["train"].get("loss_args") or {}
+    if isinstance(loss, Mapping):  # {bce: 3, dice: 1}: loss_args hold each component's arguments
+        loss, loss_args = "combined", {"weights": dict(loss), "args": loss_args}
+    training = build_training_model(inference, loss=loss, loss_kwargs=dict(loss_args))
     return inference, training
 
 

@@ -16,7 +16,7 @@ from kseg.tasks.semantic.keras_metrics import MaskDice, MaskIoU
 
 EPS = 1e-7
 TOL = dict(rtol=1e-5, atol=1e-6)
-SIGMOID_LOSSES = ["bce", "dice", "bce_dice", "focal", "lovasz"]
+SIGMOID_LOSSES = ["bce", "dice", "bce_dice", "focal", "lovasz", "tversky"]
 
 
 # -- NumPy references (float64, written from the papers' formulas) -----------------------------------
@@ -93,7 +93,20 @@ def np_lovasz(y, p, w=None, per_image=True):
     return float(np.mean(values))
 
 
-REFERENCES = {"bce": np_bce, "dice": np_dice, "focal": np_focal, "lovasz": np_lovasz,
+def np_tversky(y, p, w=None, alpha=0.3, beta=0.7, gamma=1.0, smooth=1.0):
+    """Salehi et al. 2017 per image and channel, weighted soft counts; (1 - T)^gamma averaged."""
+    y, p = np.float64(y), np.float64(p)
+    w = np.ones(p.shape) if w is None else np.broadcast_to(w, p.shape)
+    values = []
+    for b in range(p.shape[0]):
+        for c in range(p.shape[-1]):
+            yy, pp, ww = y[b, ..., c], p[b, ..., c], w[b, ..., c]
+            tp, fp, fn = (ww * yy * pp).sum(), (ww * (1 - yy) * pp).sum(), (ww * yy * (1 - pp)).sum()
+            values.append((1 - (tp + smooth) / (tp + alpha * fp + beta * fn + smooth)) ** gamma)
+    return float(np.mean(values))
+
+
+REFERENCES = {"bce": np_bce, "dice": np_dice, "focal": np_focal, "lovasz": np_lovasz, "tversky": np_tversky,
               "bce_dice": lambda y, p, w=None: np_bce(y, p, w) + np_dice(y, p, w)}
 
 
@@ -247,7 +260,7 @@ def test_zero_weight_removes_the_pixels_gradient(name):
 
 
 # -- Loss classes, registry, serialisation ---------------------------------------------------------
-@pytest.mark.parametrize("name", ["bce", "dice", "bce_dice", "focal", "lovasz"])
+@pytest.mark.parametrize("name", ["bce", "dice", "bce_dice", "focal", "lovasz", "tversky"])
 def test_loss_class_equals_function(name):
     y, p, w = arrays(10)
     loss, fn = losses.get_loss(name), losses.loss_function(name)
@@ -273,7 +286,7 @@ def test_loss_classes_serialise(name, kwargs):
 
 
 def test_registry_errors_say_what_exists():
-    assert set(losses.LOSS_NAMES) == {"bce", "ce", "dice", "bce_dice", "focal", "lovasz"}
+    assert set(losses.LOSS_NAMES) == {"bce", "ce", "dice", "bce_dice", "focal", "lovasz", "tversky"}
     with pytest.raises(ConfigError, match="bce_dice"):
         losses.get_loss("dicee")
     with pytest.raises(ConfigError, match="gama"):
