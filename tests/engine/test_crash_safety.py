@@ -89,15 +89,46 @@ def test_a_kill_at_a_named_point_resumes_to_the_same_weights(fault, demo_root, t
     assert_same_as_reference(tmp_path, reference)
 
 
+def owner_and_epochs(folder) -> tuple[int | None, int]:
+    """(pid holding the run's lock, epochs in its CSV log) of the one run under ``folder``."""
+    made = [p for p in (folder / "runs").glob("*") if not p.name.startswith(".")] if (folder / "runs").is_dir() else []
+    if not made:
+        return None, 0
+    run = made[0]
+    try:
+        pid = json.loads((run / runs.LOCK).read_text())["pid"]
+    except (OSError, ValueError, KeyError):
+        pid = None
+    epochs = 0
+    if (run / runs.HISTORY).is_file():
+        with open(run / runs.HISTORY) as f:
+            epochs = len(list(csv.DictReader(f)))
+    return pid, epochs
+
+
 def test_kills_at_seeded_moments_across_epochs_still_finish_identically(demo_root, tmp_path, reference):
+    """Each job is killed at a seeded moment of its training: once it holds the run and has logged
+    0 or 1 more epochs, after a seeded delay of up to 0.3 s (so at its start, in an epoch's batches
+    or validation, or while the epoch's snapshot is written just after its CSV row). Moments are
+    tied to the job's progress, not to the clock, so a slow or a fast machine kills each job while
+    it trains."""
     cfg = config(demo_root, tmp_path)
     moments = random.Random(7)
     kills = 0
     for _ in range(6):
         job = start(cfg, tmp_path)
-        # A moment in the second half of an uninterrupted run's time (its first part is TensorFlow's
-        # start and preprocessing); reruns skip what is done, so later moments may find them finished.
-        time.sleep(moments.uniform(0.5, 0.95) * reference[3])
+        more = moments.choice((0, 1))
+        delay = moments.uniform(0.0, 0.3)
+        deadline = time.monotonic() + 600
+        target = None
+        while job.poll() is None and time.monotonic() < deadline:
+            pid, epochs = owner_and_epochs(tmp_path)
+            if pid == job.pid:
+                target = epochs + more if target is None else target
+                if epochs >= target:
+                    break
+            time.sleep(0.05)
+        time.sleep(delay)
         if job.poll() is not None:  # it finished before this moment came
             _, err = job.communicate()
             assert job.returncode == 0, err[-3000:]
@@ -111,7 +142,7 @@ def test_kills_at_seeded_moments_across_epochs_still_finish_identically(demo_roo
     else:
         result = finish(cfg, tmp_path)
         assert result.returncode == 0, result.stderr[-3000:]
-    assert kills >= 1
+    assert kills >= 2, "every job but the last should have been killed while it trained"
     assert_same_as_reference(tmp_path, reference)
 
 
