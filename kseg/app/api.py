@@ -62,8 +62,7 @@ def runs_and_overrides(run, overrides: Sequence[str] = ()) -> tuple[list[Path], 
     folder = cv_folder_of(run)
     if folder is None:
         return run_dirs(run), list(overrides)
-    runs, tuned = submission_runs(folder)
-    return runs, [*tuned, *overrides]
+    return submission_runs(folder, overrides)
 
 
 def run_dirs(run: Runs) -> list[Path]:

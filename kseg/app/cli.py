@@ -220,8 +220,7 @@ def cmd_submit(args) -> int:
 
     overrides = list(args.overrides)
     if args.cv:
-        run_dirs, tuned = submission_runs(Path(args.cv))
-        overrides = [*tuned, *overrides]
+        run_dirs, overrides = submission_runs(Path(args.cv), overrides)
     else:
         run_dirs = _find_runs(args)
     result = make_submission(run_dirs, overrides=overrides, test_dir=args.test_dir, sample=args.sample,

@@ -324,12 +324,13 @@ def tune_cv(folder: Path, overrides: Sequence[str] = (), progress: bool = True, 
     return record
 
 
-def submission_runs(folder: Path) -> tuple[list[Path], list[str]]:
-    """The fold runs to ensemble and the ``postprocess.*`` overrides of the CV folder's tuning."""
+def submission_runs(folder: Path, overrides: Sequence[str] = ()) -> tuple[list[Path], list[str]]:
+    """The fold runs to ensemble and the ``postprocess.*`` overrides of the CV folder's tuning,
+    followed by the caller's ``overrides`` (which win)."""
     folder = Path(folder)
     folds = finished_folds(folder)
     if not folds:
         raise DataError("no finished fold to submit from", folder)
     params = runs.tuned_postprocess(folder)
-    return [fold_dir(folder, f) for f in folds], [f"postprocess.{k}={json.dumps(v)}" for k, v in params.items()
-                                                   if k in POSTPROCESS_KEYS]
+    tuned = [f"postprocess.{k}={json.dumps(v)}" for k, v in params.items() if k in POSTPROCESS_KEYS]
+    return [fold_dir(folder, f) for f in folds], [*tuned, *overrides]

@@ -69,8 +69,8 @@ def pseudo_label(cv: str | Path, test_dir: str | Path, *, low: float = LOW, high
     if (out / MANIFEST).is_file():
         log.info(f"pseudo-labels already made: {out}")
         return out
-    runs, tuned = submission_runs(cv)
-    cfg, fmt, _, submission = open_runs(runs, [*tuned, *overrides])
+    runs, overrides = submission_runs(cv, overrides)
+    cfg, fmt, _, submission = open_runs(runs, overrides)
     if fmt.rows not in ("instance", "image"):
         raise ConfigError(f"pseudo-labels are instance label images or masks; format {fmt.name} writes "
                           f"{fmt.rows} rows")
