@@ -54,7 +54,9 @@ def _run_prefix(cfg: Config) -> str:
 # Keys added after runs were made, at the value that does what those runs did: left out of the
 # fingerprint at that value, so an unfinished run (or CV folder) of an earlier version still resumes.
 NEUTRAL_DEFAULTS = {("split", "near_duplicates"): False, ("train", "ema"): 0, ("train", "average_checkpoints"): 0,
-                    ("train", "average_from"): "last", ("train", "cycle_epochs"): 0, ("dataset", "pseudo"): None}
+                    ("train", "average_from"): "last", ("train", "cycle_epochs"): 0, ("dataset", "pseudo"): None,
+                    ("train", "freeze_encoder_epochs"): 0, ("train", "encoder_lr"): 1.0,
+                    ("train", "freeze_batchnorm"): False}
 
 
 def training_fingerprint(cfg: Config) -> str:

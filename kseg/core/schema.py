@@ -350,6 +350,9 @@ class TrainSection(Section):
     ema: Annotated[float, Field(ge=0, lt=1)]
     average_checkpoints: Natural
     average_from: choice(AVERAGE_FROM, "train.average_from")
+    freeze_encoder_epochs: Natural
+    encoder_lr: NonNegative
+    freeze_batchnorm: bool
     xla: bool
     runs_dir: Name
     verbose: choice(VERBOSITY)
@@ -469,6 +472,12 @@ def _cross_checks(data: Mapping[str, Any], bad: set[tuple]) -> list[tuple[tuple,
     if valid("split", "fold") and valid("split", "n_folds") and split.get("fold", 0) >= split.get("n_folds", 2):
         found.append((("split", "fold"), f"must be 0..{split['n_folds'] - 1}, below split.n_folds "
                                          f"({split['n_folds']}) (got {split['fold']})"))
+    train = section("train")
+    frozen, epochs = train.get("freeze_encoder_epochs", 0), train.get("epochs")
+    if valid("train", "freeze_encoder_epochs") and valid("train", "epochs") and frozen and frozen >= epochs:
+        found.append((("train", "freeze_encoder_epochs"),
+                      f"must be below train.epochs ({epochs}), or the encoder never trains (got {frozen}); "
+                      "train.encoder_lr: 0 keeps it frozen for the whole run"))
     predict = section("predict")
     tile, overlap = predict.get("tile_size"), predict.get("tile_overlap")
     if valid("predict", "tile_size") and valid("predict", "tile_overlap") and tile is not None and overlap >= tile:

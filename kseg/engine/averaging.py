@@ -187,8 +187,9 @@ def batch_images(batch):
 def recompute_batchnorm(model: keras.Model, batches, limit: int = BATCHNORM_BATCHES) -> int:
     """BatchNorm's moving mean and variance as the plain mean of their batch statistics over up to
     ``limit`` training batches (momentum i / (i + 1) at batch i), for the model's current
-    weights; returns the batches used (0 without BatchNorm)."""
-    layers = batchnorm_layers(model)
+    weights; returns the batches used (0 without BatchNorm). Frozen layers (``trainable=False``,
+    ``train.freeze_batchnorm``) run in inference mode and keep theirs."""
+    layers = [layer for layer in batchnorm_layers(model) if layer.trainable]
     if not layers:
         return 0
     momenta = [layer.momentum for layer in layers]

@@ -12,6 +12,9 @@ Run directories are ``runs/<dataset>-<model>-<time>/`` (:mod:`kseg.core.runs`). 
 not finish is resumed by the next ``train`` with the same config (:mod:`kseg.engine.snapshots`
 restores weights, optimizer, epoch, CSV log and checkpoint state as one unit; the interrupted epoch
 is replayed from its first batch).
+
+A pretrained encoder can be frozen for the first epochs, train at a smaller learning rate and keep
+its BatchNorm statistics (:mod:`kseg.engine.freezing`).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from kseg.core.log import get_logger
 from kseg.core.pictures import unit_to_uint8
 from kseg.data.feeder import PrefetchedBatches
 from kseg.data.split import fold_clusters, split_ids
-from kseg.engine import snapshots
+from kseg.engine import freezing, snapshots
 from kseg.engine.averaging import (
     AVERAGED,
     CycleSnapshots,
@@ -91,7 +94,9 @@ def cycle_steps(cfg: Config, steps_per_epoch: int) -> int:
     return cycle * steps_per_epoch
 
 
-def optimizer(cfg: Config, steps_per_epoch: int):
+def optimizer(cfg: Config, steps_per_epoch: int, encoder: keras.Model | None = None):
+    """Adam with the configured schedule and EMA; with ``encoder`` (:func:`kseg.engine.freezing.prepare`)
+    the encoder's learning rate follows ``train.freeze_encoder_epochs`` and ``train.encoder_lr``."""
     t = cfg.train
     rate = float(t.learning_rate)
     if t.schedule == "cosine":
@@ -101,9 +106,9 @@ def optimizer(cfg: Config, steps_per_epoch: int):
         rate = keras.optimizers.schedules.CosineDecayRestarts(rate, first_decay_steps=cycle_steps(cfg, steps_per_epoch),
                                                               t_mul=1.0, m_mul=1.0, alpha=0.05)
     ema = float(t.get("ema", 0) or 0)
-    if ema:  # the average is swapped in for validation and checkpoints: kseg.engine.averaging
-        return keras.optimizers.Adam(learning_rate=rate, use_ema=True, ema_momentum=ema)
-    return keras.optimizers.Adam(learning_rate=rate)
+    # The average is swapped in for validation and checkpoints: kseg.engine.averaging
+    averaging = {"use_ema": True, "ema_momentum": ema} if ema else {}
+    return freezing.adam(cfg, steps_per_epoch, encoder, learning_rate=rate, **averaging)
 
 
 def write_averaged(task: Task, built, inference: keras.Model, run: Path, k: int, average_from: str, images,
@@ -266,7 +271,8 @@ def _fit(cfg: Config, task: Task, run: Path, lock: runs.RunLock, start: float, p
     scope, placement, replicas = strategy_scope(str(t.strategy))
     with scope:
         built = task.build(train_ids, valid_ids)
-        built.training.compile(optimizer=optimizer(cfg, len(built.batches)), jit_compile=bool(t.xla))
+        encoder = freezing.prepare(cfg, built.inference)  # before compile: BatchNorm layers it freezes
+        built.training.compile(optimizer=optimizer(cfg, len(built.batches), encoder), jit_compile=bool(t.xla))
         restored = snapshots.restore(run, built.training)
     # Before fit: Keras may start fetching the first epoch's batches before any callback runs.
     built.batches.set_epoch(restored.epoch)
