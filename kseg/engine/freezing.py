@@ -22,9 +22,10 @@ step is linear in the learning rate, so a factor of 0 leaves a weight exactly as
 * Resume: the step counter is optimizer state, saved in every epoch snapshot and restored with the
   weights (:mod:`kseg.engine.snapshots`), so a run resumed on either side of the boundary is in
   its phase with nothing else to save, and the learning-rate schedules read the same counter.
-* Graphs: the factor is a variable read in the step, not a Python value, so a train function traced
-  once (``tf.function``, ``train.xla``, ``jax.jit``) switches phase without a retrace; JAX passes
-  the optimizer's variables into its stateless step, TensorFlow strategies mirror them.
+* Graphs: the factor is computed in the step from the counter (a variable), not fixed when the step
+  is traced, so a train function traced once (``tf.function``, ``train.xla``, ``jax.jit``) switches
+  phase without a retrace; JAX passes the optimizer's variables into its stateless step,
+  TensorFlow strategies mirror them.
 * EMA and mixed precision: the subclass is the optimizer that ``use_ema`` and Keras'
   ``LossScaleOptimizer`` wrap; a frozen weight's moving average is the weight.
 
