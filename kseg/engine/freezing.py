@@ -118,8 +118,8 @@ def prepare(cfg: Config, inference: keras.Model) -> keras.Model | None:
         raise ConfigError(
             f"{', '.join(settings.changed())} need a model with a pretrained encoder (a nested model named "
             f"'{ENCODER}'), and model {cfg.model.name!r} as configured has none: give it one (e.g. "
-            f"model.args.encoder: resnet50 for unet) or leave train.freeze_encoder_epochs: 0, "
-            f"train.encoder_lr: 1.0, train.freeze_batchnorm: false")
+            f"model.args.encoder: resnet50 or keras_hub:<preset folder> for unet) or leave "
+            f"train.freeze_encoder_epochs: 0, train.encoder_lr: 1.0, train.freeze_batchnorm: false")
     if settings.freeze_batchnorm:
         for layer in batchnorm_layers(encoder):
             layer.trainable = False
