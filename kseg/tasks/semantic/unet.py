@@ -6,6 +6,11 @@ Plain U-Net layer names (level i works at stride 2**i): encoder blocks ``enc{i}`
 With an encoder the contracting path is the nested model ``"encoder"``
 (``model.get_layer("encoder")``, e.g. to freeze it) whose outputs are the skips named in
 ``kseg.nn.backbones.ENCODERS``; the decoder is the same.
+
+Options shared with the other decoders: ``attention="scse"`` recalibrates every decoder block's
+output (``dec{i}_scse_out``, see ``kseg.tasks.semantic.attention``) and ``hypercolumns=True``
+concatenates every decoder stage, upsampled to full resolution, before the head
+(``hypercolumn``, see ``kseg.tasks.semantic.decoders``).
 """
 
 from __future__ import annotations
@@ -17,15 +22,19 @@ import keras
 from keras import layers
 
 from kseg.core.errors import ConfigError
-from kseg.nn.backbones import build_encoder, get_encoder_spec
-from kseg.nn.blocks import (
-    check_input_size,
-    conv_block,
-    input_normalization,
-    residual_block,
-    upsample_block,
-)
+from kseg.nn.backbones import get_encoder_spec
+from kseg.nn.blocks import check_input_size, upsample_block
 from kseg.nn.registry import register_model
+from kseg.tasks.semantic.attention import attend, check_attention
+from kseg.tasks.semantic.decoders import (
+    check_dropout,
+    check_encoder_options,
+    check_upsampling,
+    contracting_path,
+    conv_unit,
+    hypercolumn,
+    image_input,
+)
 from kseg.tasks.semantic.heads import AUTO, resolve_head, segmentation_head
 
 
@@ -53,6 +62,8 @@ def unet(
     dropout: float = 0.0,
     upsampling: str = "transpose",
     residual: bool = False,
+    attention: str | None = None,
+    hypercolumns: bool = False,
     activation: str | None = AUTO,
     encoder: str | None = None,
     encoder_weights: str | Path | None = None,
@@ -74,6 +85,9 @@ def unet(
             paper.
         upsampling: ``"transpose"`` (2x2 up-convolution) or ``"bilinear"`` (+ 1x1 conv).
         residual: residual blocks instead of plain double convolutions.
+        attention: None, ``"scse"`` or ``"scse_max"``: squeeze & excitation after each decoder
+            block (``kseg.tasks.semantic.attention``).
+        hypercolumns: concatenate all decoder stages at full resolution before the head.
         activation: ``"auto"`` (sigmoid for one channel or ``targets``, softmax otherwise),
             ``"sigmoid"``, ``"softmax"`` or None (the model then outputs ``"logits"``).
         encoder: None, ``"resnet50"``, ``"efficientnetb0"`` or ``"vgg16"`` (each expects its
@@ -84,50 +98,35 @@ def unet(
             by an ``ImageStandardization`` layer; plain encoder only).
     """
     n_out, activation = resolve_head(n_classes, targets, activation)
-    if len(input_shape) != 3:
-        raise ConfigError(f"input_shape must be (height, width, channels), got {input_shape}")
-    if upsampling not in ("transpose", "bilinear"):
-        raise ConfigError(f"upsampling must be 'transpose' or 'bilinear', got {upsampling!r}")
-    if not 0.0 <= float(dropout) < 1.0:
-        raise ConfigError(f"dropout must be in [0, 1), got {dropout}")
-    if int(base_filters) < 1:
-        raise ConfigError(f"base_filters must be >= 1, got {base_filters}")
-    if input_norm is not None and encoder is not None:
-        raise ConfigError("input_norm applies to the plain U-Net; an encoder expects its own input scaling")
-    if encoder_weights is not None and encoder is None:
-        raise ConfigError("encoder_weights needs an encoder ('resnet50', 'efficientnetb0', 'vgg16')")
+    check_encoder_options(input_shape, base_filters=base_filters, encoder=encoder,
+                          encoder_weights=encoder_weights, input_norm=input_norm)
+    check_upsampling(upsampling)
+    check_dropout(dropout)
+    check_attention(attention)
     depth = unet_depth(depth, encoder)
     if depth < 1:
         raise ConfigError(f"depth must be >= 1, got {depth}")
     check_input_size(input_shape[0], input_shape[1], 2**depth, what=f"{name} input")
 
-    block = residual_block if residual else conv_block
-    inputs = keras.Input(shape=tuple(input_shape), name="image")
-
-    skips: dict[int, Any] = {}
-    if encoder is None:
-        x = input_normalization(inputs, input_norm)
-        for i in range(depth):
-            x = block(x, base_filters * 2**i, batch_norm=batch_norm, name=f"enc{i}")
-            skips[2**i] = x
-            x = layers.MaxPooling2D(2, name=f"pool{i}")(x)
-        x = block(x, base_filters * 2**depth, batch_norm=batch_norm, name="bottleneck")
-    else:
-        enc_model, strides = build_encoder(encoder, input_shape, depth=depth,
-                                           weights=encoder_weights)
-        feats = enc_model(inputs)
-        for stride, feat in zip(strides[:-1], feats[:-1]):
-            skips[stride] = feat
-        x = feats[-1]
+    block = conv_unit(residual)
+    inputs = image_input(input_shape)
+    skips, x = contracting_path(inputs, depth=depth, encoder=encoder,
+                                encoder_weights=encoder_weights, base_filters=base_filters,
+                                batch_norm=batch_norm, residual=residual, input_norm=input_norm)
     if dropout:
         x = layers.Dropout(dropout, name="bottleneck_dropout")(x)
 
+    stages: dict[int, Any] = {}
     for i in reversed(range(depth)):
         filters = base_filters * 2**i
         x = upsample_block(x, filters, mode=upsampling, name=f"up{i}")
         if 2**i in skips:
             x = layers.Concatenate(name=f"concat{i}")([x, skips[2**i]])
         x = block(x, filters, batch_norm=batch_norm, name=f"dec{i}")
+        x = attend(x, attention, name=f"dec{i}_scse")
+        stages[2**i] = x
 
+    if hypercolumns:
+        x = hypercolumn(stages)
     outputs = segmentation_head(x, n_out, activation)
     return keras.Model(inputs, outputs, name=name)

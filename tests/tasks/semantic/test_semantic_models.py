@@ -33,6 +33,7 @@ CASES = [
                   targets="mask+border"), 32),
     ("unet", dict(TINY_UNET, n_classes=3, batch_norm=False), 32),
     ("unet", dict(TINY_UNET, activation=None), 32),
+    ("unet", dict(TINY_UNET, attention="scse", hypercolumns=True), 32),
     ("fcn", dict(TINY_FCN, n_classes=3), 64),
     ("fcn8s", dict(TINY_FCN), 32),
     ("fcn16s", dict(TINY_FCN, dropout=0.0), 32),
