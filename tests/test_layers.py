@@ -11,9 +11,10 @@ import grimp
 import numpy as np
 
 PACKAGE = Path(__file__).resolve().parents[1] / "kseg"
-# Imported where they are used: optional (Pillow, pycocotools, dask) or backend-specific (TensorFlow,
-# JAX) libraries, so importing kseg needs neither.
-LOCAL_IMPORTS_ALLOWED = {"tensorflow", "jax", "PIL", "pycocotools", "dask", "distributed"}
+# Imported where they are used: optional (Pillow, pycocotools, dask, keras_hub: the [hub] extra, only
+# for "keras_hub:<folder>" encoders) or backend-specific (TensorFlow, JAX) libraries, so importing
+# kseg needs neither.
+LOCAL_IMPORTS_ALLOWED = {"tensorflow", "jax", "PIL", "pycocotools", "dask", "distributed", "keras_hub"}
 
 
 def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:

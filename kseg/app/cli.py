@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 import time
 from pathlib import Path
 
+import keras
 from tqdm.auto import tqdm
 
 from kseg import __version__
@@ -27,7 +29,9 @@ from kseg.engine.fit import train
 from kseg.io.demo import write_demo_dataset
 from kseg.io.sample import preview
 from kseg.io.testset import discover_test_ids
-from kseg.nn.registry import list_models
+from kseg.nn.backbones import ENCODERS, get_encoder_spec
+from kseg.nn.hub_encoders import HUB_PREFIX, is_hub_encoder
+from kseg.nn.registry import build_model, get_model_entry, list_models
 from kseg.submission.formats import FORMATS, get_format
 from kseg.submission.kaggle import kaggle_submit
 from kseg.submission.make import make_submission
@@ -136,8 +140,47 @@ def print_oof(scores: dict) -> None:
             print(f"  {kind} {key}: {entry['score']:.4f} (Otsu {entry['otsu']:.4f}) on {entry['images']} images")
 
 
+def _takes_encoder(model: str) -> bool:
+    return "encoder" in inspect.signature(get_model_entry(model).builder).parameters
+
+
+def _names(values: list[str]) -> list[str]:
+    return [name.strip() for value in values for name in value.split(",") if name.strip()]
+
+
 def cmd_models(args) -> int:
-    print("\n".join(list_models()))
+    """The registered models and the encoders; ``--params`` builds every model x encoder pair."""
+    if not args.params:
+        print("models (model.name; 'encoder': takes model.args.encoder):")
+        for name in list_models():
+            print(f"  {name:16s} {get_model_entry(name).task:10s} {'encoder' if _takes_encoder(name) else ''}")
+        print("encoders (model.args.encoder; each takes [0, 1] images and normalises them inside):")
+        for name, spec in sorted(ENCODERS.items()):
+            strides = ", ".join(map(str, sorted(spec.features)))
+            print(f"  {name:24s} keras.applications.{spec.constructor:18s} strides {strides:18s} "
+                  f"input {spec.scaling}")
+        print(f"  {HUB_PREFIX + '<folder>':24s} a keras-hub backbone preset on local disk "
+              "(pip install 'kseg[hub]')")
+        return 0
+    models = _names(args.model) or list_models()
+    encoders = _names(args.encoder) or ["none", *sorted(ENCODERS)]
+    for encoder in encoders:
+        if encoder != "none" and not is_hub_encoder(encoder):
+            get_encoder_spec(encoder)  # unknown names fail before any build
+    size = int(args.size)
+    print(f"{'model':16s} {'encoder':24s} parameters at {size}x{size}x3", flush=True)
+    for model in models:
+        takes_encoder = _takes_encoder(model)
+        for encoder in encoders:
+            if encoder != "none" and not takes_encoder:
+                continue
+            options = {"input_shape": (size, size, 3)} | ({} if encoder == "none" else {"encoder": encoder})
+            try:
+                count = f"{build_model(model, **options).count_params():,}"
+            except KsegError as exc:
+                count = f"n/a ({exc})"
+            keras.backend.clear_session()  # each build starts from an empty graph and frees the last
+            print(f"{model:16s} {encoder:24s} {count}", flush=True)
     return 0
 
 
@@ -441,7 +484,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("formats", help="list submission formats").set_defaults(func=cmd_formats)
     commands.add_parser("datasets", help="list registered pipelines").set_defaults(func=cmd_datasets)
-    commands.add_parser("models", help="list registered model builders").set_defaults(func=cmd_models)
+    models = commands.add_parser("models", help="list registered models and encoders (--params: their sizes)")
+    models.add_argument("--params", action="store_true",
+                        help="build every model x encoder pair and print its parameter count (slow)")
+    models.add_argument("--model", action="append", default=[], metavar="NAME",
+                        help="with --params: only these models (repeat or comma-separate)")
+    models.add_argument("--encoder", action="append", default=[], metavar="NAME",
+                        help="with --params: only these encoders ('none': the plain encoder; "
+                             "keras_hub:<folder> works too)")
+    models.add_argument("--size", type=int, default=256, help="input height and width for --params (default 256)")
+    models.set_defaults(func=cmd_models)
     return parser
 
 

@@ -170,7 +170,9 @@ def backbone_features(image_tensor, backbone: str = "small", *, width: int | Non
     if width is not None or batch_norm:
         raise ConfigError(f"width and batch_norm apply to the 'small' backbone only; {backbone!r} "
                           "is the fixed keras.applications network (with its own BatchNorm)")
-    encoder, strides = build_encoder(backbone, input_shape, depth=5, weights=weights)
+    # The FPN's callers scale images themselves (fpn_preprocess), so no in-graph scaling here.
+    encoder, strides = build_encoder(backbone, input_shape, depth=5, weights=weights,
+                                     scale_inputs=False)
     by_stride = dict(zip(strides, encoder(image_tensor)))
     return [by_stride[s] for s in BACKBONE_STRIDES]
 

@@ -22,7 +22,7 @@ import keras
 from keras import layers
 
 from kseg.core.errors import ConfigError
-from kseg.nn.backbones import get_encoder_spec
+from kseg.nn.backbones import encoder_max_depth
 from kseg.nn.blocks import check_input_size, upsample_block
 from kseg.nn.registry import register_model
 from kseg.tasks.semantic.attention import attend, check_attention
@@ -41,7 +41,7 @@ from kseg.tasks.semantic.heads import AUTO, resolve_head, segmentation_head
 def unet_depth(depth: int | None = None, encoder: str | None = None) -> int:
     """The depth actually used: 4 for the plain U-Net, 5 (stride 32) with an encoder."""
     if depth is None:
-        return 4 if encoder is None else get_encoder_spec(encoder).max_depth
+        return 4 if encoder is None else encoder_max_depth(encoder)
     return int(depth)
 
 
@@ -90,8 +90,9 @@ def unet(
         hypercolumns: concatenate all decoder stages at full resolution before the head.
         activation: ``"auto"`` (sigmoid for one channel or ``targets``, softmax otherwise),
             ``"sigmoid"``, ``"softmax"`` or None (the model then outputs ``"logits"``).
-        encoder: None, ``"resnet50"``, ``"efficientnetb0"`` or ``"vgg16"`` (each expects its
-            own input scaling: ``kseg.nn.backbones.encoder_preprocess``).
+        encoder: None, a ``kseg.nn.backbones.ENCODERS`` name (``"resnet50"``,
+            ``"efficientnetb0"``, ...) or ``"keras_hub:<preset folder>"``; it takes the [0, 1]
+            images and normalises them inside as its weights expect.
         encoder_weights: local weights file for the encoder (include_top=False); never
             downloaded.
         input_norm: None (inputs as given) or ``"image"`` (each image standardised per channel
