@@ -7,7 +7,7 @@ Every semantic builder returns the Functional *inference* model: one input ``"im
 ``"logits"`` when ``activation=None``; the float32 ``"logits"`` layer is always present.
 """
 
-from kseg.nn.backbones import ENCODERS, build_encoder, encoder_preprocess, vgg_backbone
+from kseg.nn.backbones import ENCODERS, build_encoder, encoder_preprocess, list_encoders, vgg_backbone
 from kseg.nn.blocks import (
     BilinearUpsampleInitializer,
     bilinear_kernel,
@@ -42,6 +42,7 @@ __all__ = [
     "fcn32s",
     "get_model_entry",
     "input_divisor",
+    "list_encoders",
     "list_models",
     "load_model",
     "nearest_valid_sizes",
