@@ -153,7 +153,7 @@ def cmd_models(args) -> int:
     if not args.params:
         print("models (model.name; 'encoder': takes model.args.encoder):")
         for name in list_models():
-            print(f"  {name:16s} {get_model_entry(name).task:10s} {'encoder' if _takes_encoder(name) else ''}")
+            print(f"  {name:16s} {get_model_entry(name).task:10s} {'encoder' if _takes_encoder(name) else ''}".rstrip())
         print("encoders (model.args.encoder; each takes [0, 1] images and normalises them inside):")
         for name, spec in sorted(ENCODERS.items()):
             strides = ", ".join(map(str, sorted(spec.features)))

@@ -192,7 +192,7 @@ def build_hub_encoder(name: str, input_shape: Sequence[int | None], *,
                           "(feature maps by stride); use an image backbone such as ResNet, "
                           "EfficientNet, DenseNet, MiT or CSPNet")
     by_stride = {s: t for t, s in zip(pyramid, _strides(backbone, pyramid, input_shape)) if s}
-    if 2 not in by_stride and 2**depth > 2:
+    if 2 not in by_stride:
         stem = _stem_tap(backbone, input_shape)
         if stem is not None:
             by_stride[2] = stem
