@@ -22,10 +22,14 @@ from kseg.nn.registry import (
     register_model,
 )
 from kseg.tasks.base import load_model
+from kseg.tasks.semantic.deeplab import deeplabv3plus
 from kseg.tasks.semantic.fcn import fcn, fcn8s, fcn16s, fcn32s
+from kseg.tasks.semantic.fpn_decoder import fpn
 from kseg.tasks.semantic.heads import TARGET_NAMES, output_channels
 from kseg.tasks.semantic.targets import target_channels
+from kseg.tasks.semantic.linknet import linknet
 from kseg.tasks.semantic.unet import unet
+from kseg.tasks.semantic.unetpp import unetpp
 
 __all__ = [
     "ENCODERS",
@@ -35,13 +39,16 @@ __all__ = [
     "build_encoder",
     "build_model",
     "check_input_size",
+    "deeplabv3plus",
     "encoder_preprocess",
     "fcn",
     "fcn8s",
     "fcn16s",
     "fcn32s",
+    "fpn",
     "get_model_entry",
     "input_divisor",
+    "linknet",
     "list_encoders",
     "list_models",
     "load_model",
@@ -50,5 +57,6 @@ __all__ = [
     "register_model",
     "target_channels",
     "unet",
+    "unetpp",
     "vgg_backbone",
 ]

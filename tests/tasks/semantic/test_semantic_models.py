@@ -11,7 +11,7 @@ import pytest
 from backends import run_on_jax
 
 from kseg.core.errors import ConfigError
-from kseg.nn.backbones import encoder_preprocess, load_encoder_weights
+from kseg.nn.backbones import build_encoder, encoder_preprocess, load_encoder_weights
 from kseg.nn.blocks import (
     BilinearUpsampleInitializer,
     ImageStandardization,
@@ -25,6 +25,8 @@ from kseg.tasks.semantic.targets import target_channels
 
 TINY_FCN = dict(width=2, convs_per_block=(1, 1, 1, 1, 1), fc_width=8, fc_kernel=3)
 TINY_UNET = dict(depth=2, base_filters=4)
+TINY_FPN = dict(base_filters=1, pyramid_filters=8, segmentation_filters=4)
+TINY_DEEPLAB = dict(base_filters=1, aspp_filters=8, low_level_filters=4, decoder_filters=8, atrous_rates=(1, 2, 3))
 
 # (registered name, tiny options, input size). Every semantic model must appear at least once.
 CASES = [
@@ -34,6 +36,15 @@ CASES = [
     ("unet", dict(TINY_UNET, n_classes=3, batch_norm=False), 32),
     ("unet", dict(TINY_UNET, activation=None), 32),
     ("unet", dict(TINY_UNET, attention="scse", hypercolumns=True), 32),
+    ("unetpp", dict(TINY_UNET), 32),
+    ("unetpp", dict(TINY_UNET, attention="scse_max", hypercolumns=True, upsampling="bilinear",
+                    dropout=0.2, targets="mask+border"), 32),
+    ("linknet", dict(TINY_UNET, attention="scse", hypercolumns=True), 32),
+    ("linknet", dict(TINY_UNET, residual=True, n_classes=3), 32),
+    ("fpn", dict(TINY_FPN), 32),
+    ("fpn", dict(TINY_FPN, merge="concat", attention="scse", activation=None), 64),
+    ("deeplabv3plus", dict(TINY_DEEPLAB), 32),
+    ("deeplabv3plus", dict(TINY_DEEPLAB, attention="scse", n_classes=3, batch_norm=False), 32),
     ("fcn", dict(TINY_FCN, n_classes=3), 64),
     ("fcn8s", dict(TINY_FCN), 32),
     ("fcn16s", dict(TINY_FCN, dropout=0.0), 32),
@@ -43,7 +54,8 @@ CASES = [
 
 def _case_id(case):
     name, kwargs, size = case
-    extra = "-".join(f"{k}={v}" for k, v in kwargs.items() if k not in TINY_UNET | TINY_FCN)
+    extra = "-".join(f"{k}={v}" for k, v in kwargs.items()
+                     if k not in TINY_UNET | TINY_FCN | TINY_FPN | TINY_DEEPLAB)
     return f"{name}[{extra}]" if extra else name
 
 
@@ -107,7 +119,7 @@ def test_model_contract(case, tmp_path):
     assert len(model.inputs) == 1 and len(model.outputs) == 1
     assert model.inputs[0].shape[1:] == (size, size, 3)
     assert model.get_layer("logits").output.dtype == "float32"
-    assert model.count_params() < 20_000, "tiny test configs must stay tiny"
+    assert model.count_params() < 25_000, "tiny test configs must stay tiny"  # FPN's 5-level encoder: 23k
 
     _perturb(model)
     x = _images(2, size)
@@ -285,7 +297,15 @@ def test_encoder_preprocess_functions():
         build_model("unet", encoder_weights="w.h5")
 
 
-# Every encoder's features at their strides: tests/nn/test_encoders.py.
+@pytest.mark.slow
+@pytest.mark.parametrize("encoder", ["resnet50", "efficientnetb0", "vgg16"])
+def test_encoder_skips_sit_at_their_strides(encoder):
+    enc, strides = build_encoder(encoder, (64, 64, 3))
+    assert strides[-1] == 32 and strides[-2] == 16
+    for stride, out in zip(strides, enc.outputs):
+        assert out.shape[1:3] == (64 // stride, 64 // stride)
+    shallow, shallow_strides = build_encoder(encoder, (64, 64, 3), depth=3)
+    assert shallow_strides[-1] == 8 and shallow.count_params() < enc.count_params()
 
 
 def test_unet_resnet50_encoder_builds_and_loads_local_weights(tmp_path):
@@ -300,8 +320,7 @@ def test_unet_resnet50_encoder_builds_and_loads_local_weights(tmp_path):
     encoder = model.get_layer("encoder")
     np.testing.assert_array_equal(encoder.get_layer("conv1_conv").kernel.numpy(), np.float32(0.01))
     assert [t.shape[1] for t in encoder.outputs] == [32, 16, 8, 4, 2]
-    assert encoder.layers[1].name == "input_scaling"  # it takes the [0, 1] images kseg feeds
-    y = model(_images(1, 64), training=False)
+    y = model(_images(1, 64) * 255.0, training=False)
     assert tuple(y.shape) == (1, 64, 64, 1)
     with pytest.raises(ConfigError, match="does not exist"):
         build_model("unet", input_shape=(64, 64, 3), encoder="resnet50",
