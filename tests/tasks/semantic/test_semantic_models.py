@@ -11,7 +11,7 @@ import pytest
 from backends import run_on_jax
 
 from kseg.core.errors import ConfigError
-from kseg.nn.backbones import build_encoder, encoder_preprocess, load_encoder_weights
+from kseg.nn.backbones import encoder_preprocess, load_encoder_weights
 from kseg.nn.blocks import (
     BilinearUpsampleInitializer,
     ImageStandardization,
@@ -297,15 +297,7 @@ def test_encoder_preprocess_functions():
         build_model("unet", encoder_weights="w.h5")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("encoder", ["resnet50", "efficientnetb0", "vgg16"])
-def test_encoder_skips_sit_at_their_strides(encoder):
-    enc, strides = build_encoder(encoder, (64, 64, 3))
-    assert strides[-1] == 32 and strides[-2] == 16
-    for stride, out in zip(strides, enc.outputs):
-        assert out.shape[1:3] == (64 // stride, 64 // stride)
-    shallow, shallow_strides = build_encoder(encoder, (64, 64, 3), depth=3)
-    assert shallow_strides[-1] == 8 and shallow.count_params() < enc.count_params()
+# Every encoder's features at their strides: tests/nn/test_encoders.py.
 
 
 def test_unet_resnet50_encoder_builds_and_loads_local_weights(tmp_path):
@@ -320,7 +312,8 @@ def test_unet_resnet50_encoder_builds_and_loads_local_weights(tmp_path):
     encoder = model.get_layer("encoder")
     np.testing.assert_array_equal(encoder.get_layer("conv1_conv").kernel.numpy(), np.float32(0.01))
     assert [t.shape[1] for t in encoder.outputs] == [32, 16, 8, 4, 2]
-    y = model(_images(1, 64) * 255.0, training=False)
+    assert encoder.layers[1].name == "input_scaling"  # it takes the [0, 1] images kseg feeds
+    y = model(_images(1, 64), training=False)
     assert tuple(y.shape) == (1, 64, 64, 1)
     with pytest.raises(ConfigError, match="does not exist"):
         build_model("unet", input_shape=(64, 64, 3), encoder="resnet50",
