@@ -1,7 +1,8 @@
 """A pretrained encoder frozen for the first epochs, at a smaller learning rate after, its BatchNorm
 statistics kept (``kseg.engine.freezing``): the optimizer's steps against NumPy's Adam, the phase
-switch inside one compiled train step (TensorFlow with XLA, and JAX), and end-to-end runs of a tiny
-model with a nested ``"encoder"``, interrupted on either side of the unfreezing boundary."""
+switch inside one compiled train step (TensorFlow with XLA, a mirrored strategy, JAX), end-to-end runs
+of a tiny model with a nested ``"encoder"`` interrupted on either side of the unfreezing boundary, and
+a U-Net on a tiny keras-hub preset."""
 
 from __future__ import annotations
 
@@ -367,3 +368,32 @@ def test_killed_after_the_frozen_phase_the_run_resumes_training_with_batchnorm_k
         assert moved(epochs[epoch]["encoder"], start["encoder"], encoder_bn) == 0.0, f"encoder BN moved ({epoch})"
         previous = epochs[epoch - 1]["rest"] if epoch else start["rest"]
         assert moved(epochs[epoch]["rest"], previous, decoder_statistics) > 1e-4, f"decoder BN kept ({epoch})"
+
+
+@pytest.mark.slow
+def test_a_unet_on_a_keras_hub_preset_keeps_the_preset_for_one_frozen_epoch_then_trains_it(demo_root, tmp_path):
+    """The acceptance run: a tiny keras-hub ResNet saved with save_to_preset, a U-Net built on it
+    (model.args.encoder: keras_hub:<folder>), frozen for one epoch of two."""
+    keras_hub = pytest.importorskip("keras_hub")
+    backbone = keras_hub.models.ResNetBackbone(
+        input_conv_filters=[64], input_conv_kernel_sizes=[3], stackwise_num_filters=[64, 8, 8, 8],
+        stackwise_num_blocks=[1, 1, 1, 1], stackwise_num_strides=[1, 2, 2, 2], block_type="basic_block",
+        use_pre_activation=False)
+    folder = tmp_path / "preset"
+    backbone.save_to_preset(str(folder))
+    preset = {v.path: value(v) for v in keras_hub.models.Backbone.from_preset(str(folder)).weights}
+
+    cfg = tiny_config(demo_root, tmp_path, f"model.args.encoder=keras_hub:{folder}", "model.args.depth=null",
+                      "model.args.input_norm=null", "train.epochs=2", "train.freeze_encoder_epochs=1",
+                      "train.mixed_precision=off", "train.schedule=constant", "train.early_stopping=0")
+    recorder = EpochWeights()
+    train(cfg, extra_callbacks=[recorder])
+    start, epochs = recorder.begin, recorder.epochs
+    assert set(start["encoder"]) == set(preset) and len(preset) > 20
+    for path, weights in preset.items():
+        np.testing.assert_array_equal(start["encoder"][path], weights, err_msg=f"{path} is not the preset's")
+    encoder = [k for k in start["encoder"] if k in recorder.trainable]
+    rest = [k for k in start["rest"] if k in recorder.trainable]
+    assert moved(epochs[0]["encoder"], start["encoder"], encoder) == 0.0, "the encoder moved in its frozen epoch"
+    assert moved(epochs[0]["rest"], start["rest"], rest) > 1e-4, "the decoder must train in the frozen epoch"
+    assert moved(epochs[1]["encoder"], epochs[0]["encoder"], encoder) > 1e-4, "the encoder must train in epoch 1"
