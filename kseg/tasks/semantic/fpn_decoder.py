@@ -13,8 +13,10 @@ output channels by the 1x1 ``head`` and upsampled 4x bilinearly (``head_upsample
 input size. Upsampling the logits rather than the features is the same function (a 1x1
 convolution and bilinear interpolation commute) at a fraction of the cost.
 
-GroupNorm as in the paper, with gcd(32, ``segmentation_filters``) groups (32 for the default
-128 channels); ``batch_norm`` shapes only the plain encoder.
+GroupNorm as in the paper: 32 groups for the default 128 channels; narrower branches get the
+most groups (at most 32) that keep two channels in each (``fpn_groups``), because a one-channel
+group on a 1x1 P5 (a 32 px input) normalises a single value to a constant and the branch stops
+learning. ``batch_norm`` shapes only the plain encoder.
 """
 
 from __future__ import annotations
@@ -49,10 +51,15 @@ def _fpn_divisor(**_: Any) -> int:
     return 2**FPN_DEPTH
 
 
+def fpn_groups(filters: int) -> int:
+    """GroupNorm groups of a branch: a divisor of ``filters``, at most 32, two channels or more each."""
+    return math.gcd(32, filters // 2) if filters % 2 == 0 else 1
+
+
 def segmentation_branch(p, level: int, filters: int, *, name: str):
     """P_level to stride 4: max(1, level - 2) conv-GN-ReLU stages, each but P2's upsampled 2x."""
     n_up = level - 2
-    groups = math.gcd(32, filters)
+    groups = fpn_groups(filters)
     x = p
     for n in range(1, max(1, n_up) + 1):
         x = layers.Conv2D(filters, 3, padding="same", use_bias=False, kernel_initializer="he_normal",
