@@ -170,12 +170,10 @@ def average_weights(model: keras.Model, files: Sequence[Path]) -> None:
 
 
 def batchnorm_layers(model) -> list[keras.layers.BatchNormalization]:
-    found = []
-    for layer in getattr(model, "layers", []):
-        if isinstance(layer, keras.layers.BatchNormalization):
-            found.append(layer)
-        found.extend(batchnorm_layers(layer))
-    return found
+    """Every BatchNormalization layer under ``model``, also those held by plain layers (keras-hub's
+    EfficientNet blocks keep theirs as attributes, which ``Model.layers`` does not list)."""
+    return [layer for layer in model._flatten_layers(include_self=False, recursive=True)
+            if isinstance(layer, keras.layers.BatchNormalization)]
 
 
 def batch_images(batch):

@@ -267,6 +267,32 @@ def test_freeze_batchnorm_runs_the_encoders_batchnorm_in_inference_mode():
     assert np.abs(value(decoder_bn.moving_mean)).max() > 1e-3
 
 
+class ConvBnBlock(layers.Layer):
+    """A block layer holding its BatchNormalization as an attribute, as keras-hub's EfficientNet
+    blocks do: ``Model.layers`` lists the block, not the BatchNormalization inside it."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.conv = layers.Conv2D(4, 3, padding="same")
+        self.norm = layers.BatchNormalization()
+
+    def call(self, x, training=None):
+        return self.norm(self.conv(x), training=training)
+
+
+def test_freeze_batchnorm_reaches_batchnorm_inside_block_layers():
+    image = keras.Input((8, 8, 3))
+    encoder = keras.Model(image, ConvBnBlock(name="block")(image), name="encoder")
+    x = keras.Input((8, 8, 3), name="image")
+    model = keras.Model(x, layers.Conv2D(1, 1)(encoder(x)))
+    freezing.prepare(config("train.freeze_batchnorm=true"), model)
+    norm = encoder.get_layer("block").norm
+    assert not norm.trainable
+    batch = np.random.default_rng(0).random((2, 8, 8, 3)).astype(np.float32) * 5
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(encoder(batch, training=True)),
+                                  keras.ops.convert_to_numpy(encoder(batch, training=False)))
+
+
 @pytest.mark.parametrize("override", ["train.freeze_encoder_epochs=1", "train.encoder_lr=0.5",
                                       "train.freeze_batchnorm=true"])
 def test_a_model_without_an_encoder_is_a_config_error(override):
