@@ -139,7 +139,7 @@ evaluate: $(STAMP)
 # The import-layer contracts (pyproject.toml) first, then the suite.
 test: $(STAMP)
 	$(VENV)/bin/lint-imports --no-cache
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 test-fast: $(STAMP)
 	$(VENV)/bin/lint-imports --no-cache
