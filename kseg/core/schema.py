@@ -142,6 +142,14 @@ def _loss(value: Any) -> Any:
     raise _problem(f"{show(value)} is not one of {_one_of(LOSS_NAMES)} or a {{loss: weight}} combination{hint}")
 
 
+def _head_weights(value: Any) -> Any:
+    """A weight >= 0 for every deep-supervision head, or a list of them (one per head)."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 for v in values):
+        raise _problem(f"{show(value)} is not a number >= 0 or a list of such numbers (one per auxiliary head)")
+    return value
+
+
 def _precision(value: Any) -> Any:
     if isinstance(value, bool) or value in PRECISIONS:
         return value
@@ -353,6 +361,8 @@ class TrainSection(Section):
     freeze_encoder_epochs: Natural
     encoder_lr: NonNegative
     freeze_batchnorm: bool
+    deep_supervision_weight: Annotated[Any, BeforeValidator(_head_weights)]
+    classification_weight: NonNegative
     xla: bool
     runs_dir: Name
     verbose: choice(VERBOSITY)

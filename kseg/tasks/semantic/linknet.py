@@ -24,6 +24,7 @@ from kseg.core.errors import ConfigError
 from kseg.nn.blocks import check_input_size, conv_bn_relu
 from kseg.nn.registry import register_model
 from kseg.tasks.semantic.attention import attend, check_attention
+from kseg.tasks.semantic.auxiliary import with_stage_auxiliary
 from kseg.tasks.semantic.decoders import (
     check_dropout,
     check_encoder_options,
@@ -65,13 +66,17 @@ def linknet(
     encoder: str | None = None,
     encoder_weights: str | Path | None = None,
     input_norm: str | None = None,
+    deep_supervision: bool = False,
+    classification_head: bool = False,
+    classification_dropout: float = 0.2,
     name: str = "linknet",
 ) -> keras.Model:
     """Build the LinkNet inference model: image (B, H, W, C) -> (B, H, W, n_out).
 
     Options as for ``unet`` (``depth``, ``base_filters``, ``residual`` shape the plain encoder;
     ``dropout`` acts on the bottleneck); ``hypercolumns`` concatenates every level's output
-    (``add{i}`` or its attention) at full resolution before the head.
+    (``add{i}`` or its attention) at full resolution before the head; ``deep_supervision``
+    supervises every level but the last, as ``unet`` does.
     """
     n_out, activation = resolve_head(n_classes, targets, activation)
     check_encoder_options(input_shape, base_filters=base_filters, encoder=encoder,
@@ -87,6 +92,7 @@ def linknet(
     skips, x = contracting_path(inputs, depth=depth, encoder=encoder,
                                 encoder_weights=encoder_weights, base_filters=base_filters,
                                 batch_norm=batch_norm, residual=residual, input_norm=input_norm)
+    deepest = x
     if dropout:
         x = layers.Dropout(dropout, name="bottleneck_dropout")(x)
 
@@ -103,4 +109,6 @@ def linknet(
     if hypercolumns:
         x = hypercolumn(stages)
     outputs = segmentation_head(x, n_out, activation)
-    return keras.Model(inputs, outputs, name=name)
+    return with_stage_auxiliary(inputs, outputs, stages, deepest, n_out, activation, name=name,
+                                deep_supervision=deep_supervision, classification_head=classification_head,
+                                classification_dropout=classification_dropout)

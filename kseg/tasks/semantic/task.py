@@ -29,6 +29,7 @@ from kseg.metrics.scores import METRICS, class_iou, score_image
 from kseg.nn.predict import predict_image
 from kseg.nn.registry import build_model, input_divisor
 from kseg.tasks.base import Built, LoadedModel, Task, register_task
+from kseg.tasks.semantic.auxiliary import main_model
 from kseg.tasks.semantic.batches import make_batches
 from kseg.tasks.semantic.callbacks import TensorBoardImages
 from kseg.tasks.semantic.postprocess import (
@@ -36,11 +37,21 @@ from kseg.tasks.semantic.postprocess import (
     resolve_postprocess,
 )
 from kseg.tasks.semantic.predictor import Predictor
-from kseg.tasks.semantic.training_graph import build_training_model
+from kseg.tasks.semantic.training_graph import (
+    CLASSIFICATION_WEIGHT,
+    DEEP_SUPERVISION_WEIGHT,
+    build_training_model,
+)
 
 
 def build_models(cfg: Config, channels: int):
-    """(inference model, training model) from one builder call."""
+    """(inference model, training model) from one builder call.
+
+    With ``model.args.deep_supervision`` or ``classification_head`` the builder's model has
+    auxiliary outputs: the training model is built on it (their losses weighted by
+    ``train.deep_supervision_weight`` and ``train.classification_weight``) and the inference model
+    is its one-output sibling over the same layers (``kseg.tasks.semantic.auxiliary``).
+    """
     args = dict(cfg.model.args or {})
     targets = cfg.generator.targets
     if targets == "classes":
@@ -50,12 +61,15 @@ def build_models(cfg: Config, channels: int):
     else:
         args.pop("n_classes", None)
         args["targets"] = targets
-    inference = build_model(cfg.model.name, input_shape=(None, None, channels), **args)
+    model = build_model(cfg.model.name, input_shape=(None, None, channels), **args)
     loss, loss_args = cfg.train.loss, cfg.to_dict()["train"].get("loss_args") or {}
     if isinstance(loss, Mapping):  # {bce: 3, dice: 1}: loss_args hold each component's arguments
         loss, loss_args = "combined", {"weights": dict(loss), "args": loss_args}
-    training = build_training_model(inference, loss=loss, loss_kwargs=dict(loss_args))
-    return inference, training
+    training = build_training_model(model, loss=loss, loss_kwargs=dict(loss_args),
+                                    deep_supervision_weight=cfg.train.get("deep_supervision_weight",
+                                                                          DEEP_SUPERVISION_WEIGHT),
+                                    classification_weight=cfg.train.get("classification_weight", CLASSIFICATION_WEIGHT))
+    return main_model(model), training
 
 
 def pad_multiple(cfg: Config) -> int:

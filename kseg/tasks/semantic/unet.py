@@ -10,7 +10,8 @@ With an encoder the contracting path is the nested model ``"encoder"``
 Options shared with the other decoders: ``attention="scse"`` recalibrates every decoder block's
 output (``dec{i}_scse_out``, see ``kseg.tasks.semantic.attention``) and ``hypercolumns=True``
 concatenates every decoder stage, upsampled to full resolution, before the head
-(``hypercolumn``, see ``kseg.tasks.semantic.decoders``).
+(``hypercolumn``, see ``kseg.tasks.semantic.decoders``). ``deep_supervision`` and
+``classification_head`` add training-only outputs (``kseg.tasks.semantic.auxiliary``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from kseg.nn.backbones import encoder_max_depth
 from kseg.nn.blocks import check_input_size, upsample_block
 from kseg.nn.registry import register_model
 from kseg.tasks.semantic.attention import attend, check_attention
+from kseg.tasks.semantic.auxiliary import with_stage_auxiliary
 from kseg.tasks.semantic.decoders import (
     check_dropout,
     check_encoder_options,
@@ -68,6 +70,9 @@ def unet(
     encoder: str | None = None,
     encoder_weights: str | Path | None = None,
     input_norm: str | None = None,
+    deep_supervision: bool = False,
+    classification_head: bool = False,
+    classification_dropout: float = 0.2,
     name: str = "unet",
 ) -> keras.Model:
     """Build the U-Net inference model: image (B, H, W, C) -> per-pixel output (B, H, W, n_out).
@@ -97,6 +102,12 @@ def unet(
             downloaded.
         input_norm: None (inputs as given) or ``"image"`` (each image standardised per channel
             by an ``ImageStandardization`` layer; plain encoder only).
+        deep_supervision: also output an auxiliary head per decoder stage above full resolution
+            (``aux1`` at the deepest), for the training loss only
+            (``kseg.tasks.semantic.auxiliary``; the model then has several outputs).
+        classification_head: also output ``classification``, the probability that the image
+            holds any foreground, from the bottleneck.
+        classification_dropout: Dropout rate before the classification head's dense unit.
     """
     n_out, activation = resolve_head(n_classes, targets, activation)
     check_encoder_options(input_shape, base_filters=base_filters, encoder=encoder,
@@ -114,6 +125,7 @@ def unet(
     skips, x = contracting_path(inputs, depth=depth, encoder=encoder,
                                 encoder_weights=encoder_weights, base_filters=base_filters,
                                 batch_norm=batch_norm, residual=residual, input_norm=input_norm)
+    deepest = x
     if dropout:
         x = layers.Dropout(dropout, name="bottleneck_dropout")(x)
 
@@ -130,4 +142,6 @@ def unet(
     if hypercolumns:
         x = hypercolumn(stages)
     outputs = segmentation_head(x, n_out, activation)
-    return keras.Model(inputs, outputs, name=name)
+    return with_stage_auxiliary(inputs, outputs, stages, deepest, n_out, activation, name=name,
+                                deep_supervision=deep_supervision, classification_head=classification_head,
+                                classification_dropout=classification_dropout)

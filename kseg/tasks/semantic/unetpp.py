@@ -15,8 +15,10 @@ them the encoder's channel count instead, which is 4-8x wider on a ResNet-50).
 
 An encoder without a feature at some shallow level (ResNets have none at stride 1) leaves that
 level out of the nested grid: below the shallowest run of encoder features the path continues
-as plain U-Net nodes (upsample, then H). Deep supervision is not built: the head reads
-X^{0,depth} only.
+as plain U-Net nodes (upsample, then H). The head reads X^{0,depth}; ``deep_supervision`` adds
+Zhou et al.'s auxiliary heads on X^{0,1}, ..., X^{0,depth-1} (on the decoding path's
+X^{i,depth-i}, i >= 1, when the grid has no level 0), for the training loss only
+(``kseg.tasks.semantic.auxiliary``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,12 @@ from kseg.core.errors import ConfigError
 from kseg.nn.blocks import check_input_size, upsample_block
 from kseg.nn.registry import register_model
 from kseg.tasks.semantic.attention import attend, check_attention
+from kseg.tasks.semantic.auxiliary import (
+    assemble,
+    check_auxiliary,
+    classification_output,
+    deep_supervision_heads,
+)
 from kseg.tasks.semantic.decoders import (
     check_dropout,
     check_encoder_options,
@@ -75,12 +83,16 @@ def unetpp(
     encoder: str | None = None,
     encoder_weights: str | Path | None = None,
     input_norm: str | None = None,
+    deep_supervision: bool = False,
+    classification_head: bool = False,
+    classification_dropout: float = 0.2,
     name: str = "unetpp",
 ) -> keras.Model:
     """Build the U-Net++ inference model: image (B, H, W, C) -> (B, H, W, n_out).
 
     The options are ``unet``'s (``kseg.tasks.semantic.unet``); ``hypercolumns`` concatenates the
-    decoding path's nodes X^{i,depth-i} at full resolution before the head.
+    decoding path's nodes X^{i,depth-i} at full resolution before the head; ``deep_supervision``
+    supervises the nodes X^{0,j}, j < depth (see the module notes).
     """
     n_out, activation = resolve_head(n_classes, targets, activation)
     check_encoder_options(input_shape, base_filters=base_filters, encoder=encoder,
@@ -99,6 +111,7 @@ def unetpp(
                                          encoder_weights=encoder_weights,
                                          base_filters=base_filters, batch_norm=batch_norm,
                                          residual=residual, input_norm=input_norm)
+    deepest = bottleneck
     if dropout:
         bottleneck = layers.Dropout(dropout, name="bottleneck_dropout")(bottleneck)
     nodes: dict[tuple[int, int], Any] = {(i, 0): skips[2**i] for i in range(depth) if 2**i in skips}
@@ -116,4 +129,11 @@ def unetpp(
     if hypercolumns:
         x = hypercolumn({2**i: nodes[(i, depth - i)] for i in range(depth)})
     outputs = segmentation_head(x, n_out, activation)
-    return keras.Model(inputs, outputs, name=name)
+    supervised = [(1, nodes[(0, j)]) for j in range(1, depth) if (0, j) in nodes]
+    if not supervised:
+        supervised = [(2**i, nodes[(i, depth - i)]) for i in reversed(range(1, depth))]
+    check_auxiliary(len(supervised), deep_supervision=deep_supervision,
+                    classification_dropout=classification_dropout, decoder=name)
+    auxiliary = deep_supervision_heads(supervised, n_out, activation) if deep_supervision else []
+    classification = classification_output(deepest, classification_dropout) if classification_head else None
+    return assemble(inputs, outputs, auxiliary, classification, name=name)

@@ -1,0 +1,185 @@
+"""Deep supervision and the image-level classification head (kseg.tasks.semantic.auxiliary) and
+their losses in the training graph, on tiny U-Net, U-Net++ and LinkNet models."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from kseg.core.errors import ConfigError
+from kseg.nn.registry import build_model
+from kseg.tasks.semantic.auxiliary import main_model, output_roles
+from kseg.tasks.semantic.training_graph import build_training_model, inference_model_of
+
+TINY = {"input_shape": (None, None, 1), "depth": 3, "base_filters": 4}
+
+
+def batch(n=4, size=32, seed=0):
+    """A fixed batch: image 0 has an empty target; image 2's only foreground carries weight 0;
+    image 3 has no weighted pixel at all."""
+    rng = np.random.default_rng(seed)
+    image = rng.random((n, size, size, 1)).astype(np.float32)
+    target = (rng.random((n, size, size, 1)) > 0.6).astype(np.float32)
+    weight = rng.uniform(0.5, 2.0, (n, size, size, 1)).astype(np.float32)
+    target[0] = 0
+    target[2] = 0
+    target[2, :4, :4] = 1
+    weight[2, :4, :4] = 0
+    weight[3] = 0
+    return {"image": image, "weight_map": weight, "target": target}
+
+
+def numpy_bce(target, prediction, weight):
+    """Mean over pixels of w * BCE, the definition of the ``bce`` loss."""
+    p = np.clip(prediction.astype(np.float64), 1e-7, 1 - 1e-7)
+    return float(np.mean(weight * -(target * np.log(p) + (1 - target) * np.log(1 - p))))
+
+
+def output_names(model):
+    return [t._keras_history[0].name for t in model.outputs]
+
+
+@pytest.mark.parametrize("decoder, supervised", [
+    ("unet", ["dec2_out", "dec1_out"]),  # every decoder stage above full resolution, deepest first
+    ("unetpp", ["x0_1_out", "x0_2_out"]),  # Zhou et al.'s X^{0,j}, j < depth
+    ("linknet", ["add2", "add1"]),
+])
+def test_deep_supervision_heads_read_the_decoder_depths(decoder, supervised):
+    keras.utils.set_random_seed(0)
+    model = build_model(decoder, **TINY, deep_supervision=True)
+    assert output_names(model) == ["probs", "aux1_probs", "aux2_probs"]
+    read = [model.get_layer(f"aux{k}_head").input._keras_history[0].name for k in (1, 2)]
+    assert read == supervised
+    assert output_roles(model) == (0, [1, 2], None)
+
+    x = np.random.default_rng(0).random((2, 32, 32, 1)).astype(np.float32)
+    outputs = model.predict(x, verbose=0)
+    assert [o.shape for o in outputs] == [(2, 32, 32, 1)] * 3
+    inference = main_model(model)
+    assert len(inference.outputs) == 1 and inference.name == decoder
+    assert not [w for w in inference.weights if w.path.startswith("aux")]
+    np.testing.assert_array_equal(inference.predict(x, verbose=0), outputs[0])
+
+
+def test_options_off_build_the_same_model():
+    keras.utils.set_random_seed(0)
+    plain = build_model("unet", **TINY)
+    keras.utils.set_random_seed(0)
+    off = build_model("unet", **TINY, deep_supervision=False, classification_head=False)
+    assert len(off.outputs) == 1 and [w.path for w in off.weights] == [w.path for w in plain.weights]
+    x = np.random.default_rng(1).random((1, 32, 32, 1)).astype(np.float32)
+    np.testing.assert_array_equal(off.predict(x, verbose=0), plain.predict(x, verbose=0))
+
+
+def test_training_loss_is_main_plus_weighted_auxiliary_losses():
+    keras.utils.set_random_seed(1)
+    model = build_model("unet", **TINY, deep_supervision=True)
+    training = build_training_model(model, loss="bce", deep_supervision_weight=[0.3, 0.5])
+    training.compile(optimizer="adam", run_eagerly=True)
+    x = batch(seed=1)
+    main, aux1, aux2 = model.predict(x["image"], verbose=0)
+    t, w = x["target"], x["weight_map"]
+    expected = numpy_bce(t, main, w) + 0.3 * numpy_bce(t, aux1, w) + 0.5 * numpy_bce(t, aux2, w)
+    assert training.evaluate(x, batch_size=4, verbose=0) == pytest.approx(expected, rel=1e-5)
+    # One weight for every head; the graph's output is the main prediction alone.
+    same = build_training_model(model, loss="bce", deep_supervision_weight=0.4)
+    same.compile(optimizer="adam", run_eagerly=True)
+    expected = numpy_bce(t, main, w) + 0.4 * (numpy_bce(t, aux1, w) + numpy_bce(t, aux2, w))
+    assert same.evaluate(x, batch_size=4, verbose=0) == pytest.approx(expected, rel=1e-5)
+    np.testing.assert_array_equal(same.predict(x, verbose=0), main)
+
+
+def test_classification_loss_is_bce_against_any_weighted_foreground():
+    keras.utils.set_random_seed(2)
+    model = build_model("linknet", **TINY, classification_head=True)
+    assert output_names(model) == ["probs", "classification"]
+    training = build_training_model(model, loss="bce", classification_weight=0.7)
+    training.compile(optimizer="adam", run_eagerly=True)
+    x = batch(seed=2)
+    main, probability = model.predict(x["image"], verbose=0)
+    assert probability.shape == (4, 1)
+    # Image 0: empty (0); 1: foreground (1); 2: foreground only at weight 0 (0); 3: no weight (left out).
+    labels, valid = np.array([0.0, 1.0, 0.0]), slice(0, 3)
+    p = np.clip(probability[valid, 0].astype(np.float64), 1e-7, 1 - 1e-7)
+    bce = float(np.mean(-(labels * np.log(p) + (1 - labels) * np.log(1 - p))))
+    expected = numpy_bce(x["target"], main, x["weight_map"]) + 0.7 * bce
+    assert training.evaluate(x, batch_size=4, verbose=0) == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_training_step_moves_the_auxiliary_heads_and_the_main_path():
+    keras.utils.set_random_seed(3)
+    model = build_model("unetpp", **TINY, deep_supervision=True, classification_head=True)
+    training = build_training_model(model, loss="bce_dice")
+    training.compile(optimizer=keras.optimizers.Adam(1e-2), run_eagerly=True)
+    watched = ("aux1_head", "aux2_head", "classification_dense", "head", "x0_1_1_conv", "enc0_1_conv")
+    before = {n: keras.ops.convert_to_numpy(model.get_layer(n).weights[0]).copy() for n in watched}
+    x = batch(seed=3)
+    training.fit(x, batch_size=4, epochs=1, verbose=0)
+    for name, value in before.items():
+        assert not np.allclose(keras.ops.convert_to_numpy(model.get_layer(name).weights[0]), value), name
+
+
+def test_saved_inference_and_training_models_reload(tmp_path):
+    keras.utils.set_random_seed(4)
+    model = build_model("unet", **TINY, deep_supervision=True, classification_head=True)
+    training = build_training_model(model, loss="bce")
+    inference = main_model(model)
+    x = batch(seed=4)
+    inference.save(tmp_path / "inference.keras")
+    loaded = keras.saving.load_model(tmp_path / "inference.keras")
+    assert len(loaded.outputs) == 1 and not [layer for layer in loaded.layers if layer.name.startswith("aux")]
+    np.testing.assert_array_equal(loaded.predict(x["image"], verbose=0), inference.predict(x["image"], verbose=0))
+
+    training.compile(optimizer="adam", run_eagerly=True)
+    training.save(tmp_path / "training.keras")
+    reloaded = keras.saving.load_model(tmp_path / "training.keras")
+    reloaded.compile(optimizer="adam", run_eagerly=True)
+    assert reloaded.evaluate(x, batch_size=4, verbose=0) == pytest.approx(
+        training.evaluate(x, batch_size=4, verbose=0), rel=1e-6)
+    recovered = inference_model_of(reloaded)
+    assert len(recovered.outputs) == 1
+    np.testing.assert_array_equal(recovered.predict(x["image"], verbose=0), inference.predict(x["image"], verbose=0))
+
+
+def test_bad_options_name_what_works():
+    with pytest.raises(ConfigError, match="deep_supervision on unet needs .*depth >= 2"):
+        build_model("unet", **{**TINY, "depth": 1}, deep_supervision=True)
+    with pytest.raises(ConfigError, match="classification_dropout must be in"):
+        build_model("unet", **TINY, classification_head=True, classification_dropout=1.0)
+    model = build_model("unet", **TINY, deep_supervision=True)
+    with pytest.raises(ConfigError, match=r"train.deep_supervision_weight .* list of 2"):
+        build_training_model(model, deep_supervision_weight=[0.4])
+    with pytest.raises(ConfigError, match="has no option 'deep_supervision'"):
+        build_model("fpn", input_shape=(None, None, 1), deep_supervision=True)
+
+
+class Interrupt(keras.callbacks.Callback):
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.slow
+def test_demo_run_with_auxiliary_outputs_trains_resumes_and_saves_one_output(demo_root, tmp_path):
+    from kseg.core.config import load_config
+    from kseg.core.runs import find_resumable_run
+    from kseg.engine.fit import train
+
+    cfg = load_config("demo", data_root=str(demo_root), overrides=[
+        f"preprocess.cache_dir={tmp_path / 'cache'}", "preprocess.n_jobs=1", "preprocess.progress=false",
+        f"train.runs_dir={tmp_path / 'runs'}", "train.epochs=2", "train.steps_per_epoch=2", "train.verbose=0",
+        "generator.batch_size=2", "generator.crop_size=[32,32]", "model.args.depth=2", "model.args.base_filters=4",
+        "model.args.deep_supervision=true", "model.args.classification_head=true",
+        "train.deep_supervision_weight=[0.5]", "train.classification_weight=0.2", "dataset.demo=false"])
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, extra_callbacks=[Interrupt()])
+    interrupted = find_resumable_run(cfg)
+    assert interrupted is not None
+    started = []
+    result = train(cfg, extra_callbacks=[keras.callbacks.LambdaCallback(
+        on_epoch_begin=lambda epoch, logs: started.append(epoch))])
+    assert result.run_dir == interrupted and started == [1]
+    best = keras.saving.load_model(result.run_dir / "best.keras")
+    assert len(best.outputs) == 1 and not [layer for layer in best.layers if layer.name.startswith(("aux", "class"))]
+    assert np.isfinite(result.val_score)
