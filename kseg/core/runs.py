@@ -57,7 +57,7 @@ NEUTRAL_DEFAULTS = {("split", "near_duplicates"): False, ("train", "ema"): 0, ("
                     ("train", "average_from"): "last", ("train", "cycle_epochs"): 0, ("dataset", "pseudo"): None,
                     ("train", "freeze_encoder_epochs"): 0, ("train", "encoder_lr"): 1.0,
                     ("train", "freeze_batchnorm"): False, ("train", "deep_supervision_weight"): 0.4,
-                    ("train", "classification_weight"): 0.1}
+                    ("train", "classification_weight"): 0.1, ("postprocess", "empty_threshold"): None}
 
 
 def training_fingerprint(cfg: Config) -> str:

@@ -335,6 +335,7 @@ class PostprocessSection(Section):
     min_size: Natural
     marker_threshold: Probability
     second_channel: choice(SECOND_CHANNELS)
+    empty_threshold: Optional[Probability]
 
 
 class TrainSection(Section):

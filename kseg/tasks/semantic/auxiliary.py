@@ -114,9 +114,38 @@ def output_roles(model: keras.Model) -> tuple[int, list[int], int | None]:
     return 0, auxiliary, (classification[0] if classification else None)
 
 
+@keras.saving.register_keras_serializable(package="kseg")
+class ImageChannel(layers.Layer):
+    """[(B, H, W, C) per-pixel output, (B, 1) image probability] -> (B, H, W, C + 1): the
+    probability repeated at every pixel as a last channel (float32)."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+
+    def call(self, inputs):
+        pixels, probability = inputs
+        pixels = keras.ops.cast(pixels, "float32")
+        channel = keras.ops.ones_like(pixels[..., :1]) * keras.ops.cast(probability, "float32")[:, None, None, :]
+        return keras.ops.concatenate([pixels, channel], axis=-1)
+
+    def compute_output_shape(self, input_shapes):
+        pixels, _ = input_shapes
+        return (*pixels[:-1], None if pixels[-1] is None else pixels[-1] + 1)
+
+
 def main_model(model: keras.Model) -> keras.Model:
-    """The one-output inference model of a builder's model (the model itself when it has one output)."""
+    """The one-output inference model of a builder's model (the model itself when it has one output).
+
+    The auxiliary heads are left out. The classification head's probability, when there is one,
+    becomes the output's last channel (``ImageChannel``, layer ``image_channel``), so that it
+    travels through TTA, tiling, ensembling and out-of-fold files like any channel until
+    ``kseg.tasks.semantic.postprocess`` takes it off to gate the mask.
+    """
     if len(model.outputs) == 1:
         return model
-    output_roles(model)
-    return keras.Model(model.inputs, model.outputs[0], name=model.name)
+    _, _, classification = output_roles(model)
+    output = model.outputs[0]
+    if classification is not None:
+        output = ImageChannel(name="image_channel")([output, model.outputs[classification]])
+    return keras.Model(model.inputs, output, name=model.name)

@@ -5,6 +5,12 @@ Uses SciPy / scikit-image / OpenCV: threshold, hole filling, small-object remova
 separation by connected components, by watershed on the distance transform, or by
 marker-controlled watershed from mask + border (or mask + center) channels, the DSB 2018
 winners' recipe. Every function returns an int32 label image whose instances never overlap.
+
+A model with ``classification_head`` gives one channel more than its targets: the probability
+that the image holds any foreground, the same at every pixel (``kseg.tasks.semantic.auxiliary``).
+``probabilities_to_target`` takes it off before anything else reads the channels, and with
+``empty_threshold`` set it empties the prediction of an image whose probability (the channel's
+mean: after tiling, the tiles' blend) is below the threshold (``gate``).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from kseg.core.config import apply_overrides
 from kseg.core.errors import ConfigError
 from kseg.core.runs import tuned_postprocess
 from kseg.data.masks import clean_mask, remove_small_instances
+from kseg.tasks.semantic.targets import CLASSES, target_channels
 
 METHODS = ("components", "distance", "markers")
 
@@ -74,7 +81,24 @@ def instances_from_probabilities(
     return remove_small_instances(labels.astype(np.int32), min_size)
 
 
-POSTPROCESS_KEYS = ("method", "threshold", "min_size", "marker_threshold", "second_channel")
+POSTPROCESS_KEYS = ("method", "threshold", "min_size", "marker_threshold", "second_channel", "empty_threshold")
+INSTANCE_KEYS = POSTPROCESS_KEYS[:5]  # the arguments of instances_from_probabilities
+
+
+def split_image_probability(probabilities: np.ndarray, targets: str = "mask") -> tuple[np.ndarray, float | None]:
+    """(per-pixel channels, the image's non-empty probability or None): the last channel is the
+    classification head's when there is one more channel than ``targets`` names."""
+    if probabilities.ndim != 3 or targets == CLASSES or probabilities.shape[-1] != len(target_channels(targets)) + 1:
+        return probabilities, None
+    return probabilities[..., :-1], float(np.mean(probabilities[..., -1], dtype=np.float64))
+
+
+def gate(target: np.ndarray, image_probability: float | None, empty_threshold: float | None) -> np.ndarray:
+    """``target`` itself, or all zeros when the image's non-empty probability is below
+    ``empty_threshold`` (None: off, as is a model without the classification head)."""
+    if empty_threshold is None or image_probability is None or image_probability >= float(empty_threshold):
+        return target
+    return np.zeros_like(target)
 
 
 # --- from probabilities to rows ---------------------------------------------------------------------
@@ -83,10 +107,16 @@ def probabilities_to_target(probabilities: np.ndarray, fmt, post: Mapping,
     """What the format writes: int32 instance labels, a 0/1 mask, or a uint8 class-index mask.
 
     ``targets`` is the run's ``generator.targets``: ``classes`` models give softmax channels
-    (index = class, 0 = background); all others give channel 0 = foreground probability.
+    (index = class, 0 = background); all others give channel 0 = foreground probability, and
+    maybe the image-level channel last (see the module notes; ``post["empty_threshold"]``).
     """
+    probabilities, image_probability = split_image_probability(np.asarray(probabilities), targets)
+    target = _pixels_to_target(probabilities, fmt, post, targets)
+    return gate(target, image_probability, post.get("empty_threshold"))
 
-    params = {k: post[k] for k in POSTPROCESS_KEYS if k in post}
+
+def _pixels_to_target(probabilities: np.ndarray, fmt, post: Mapping, targets: str) -> np.ndarray:
+    params = {k: post[k] for k in INSTANCE_KEYS if k in post}
     min_size = int(params.get("min_size", 0))
     if probabilities.ndim == 2:
         probabilities = probabilities[..., None]

@@ -33,8 +33,10 @@ from kseg.tasks.semantic.auxiliary import main_model
 from kseg.tasks.semantic.batches import make_batches
 from kseg.tasks.semantic.callbacks import TensorBoardImages
 from kseg.tasks.semantic.postprocess import (
+    gate,
     probabilities_to_target,
     resolve_postprocess,
+    split_image_probability,
 )
 from kseg.tasks.semantic.predictor import Predictor
 from kseg.tasks.semantic.training_graph import (
@@ -50,7 +52,8 @@ def build_models(cfg: Config, channels: int):
     With ``model.args.deep_supervision`` or ``classification_head`` the builder's model has
     auxiliary outputs: the training model is built on it (their losses weighted by
     ``train.deep_supervision_weight`` and ``train.classification_weight``) and the inference model
-    is its one-output sibling over the same layers (``kseg.tasks.semantic.auxiliary``).
+    is its one-output sibling over the same layers (``kseg.tasks.semantic.auxiliary``), the
+    classification head's probability as its last channel.
     """
     args = dict(cfg.model.args or {})
     targets = cfg.generator.targets
@@ -61,6 +64,9 @@ def build_models(cfg: Config, channels: int):
     else:
         args.pop("n_classes", None)
         args["targets"] = targets
+    if args.get("classification_head") and targets == "classes":
+        raise ConfigError("model.args.classification_head needs sigmoid targets (generator.targets: mask, "
+                          "mask+border, ...): its image-level channel cannot ride beside softmax classes")
     model = build_model(cfg.model.name, input_shape=(None, None, channels), **args)
     loss, loss_args = cfg.train.loss, cfg.to_dict()["train"].get("loss_args") or {}
     if isinstance(loss, Mapping):  # {bce: 3, dice: 1}: loss_args hold each component's arguments
@@ -143,7 +149,8 @@ class SemanticTask(Task):
         """What the monitor scores: what the format writes, or the thresholded foreground channel."""
         post = dict(self.cfg.postprocess)
         if self.metric == "class_iou":
-            return probabilities[..., 0] > float(post["threshold"])
+            pixels, image_probability = split_image_probability(probabilities, self.cfg.generator.targets)
+            return gate(pixels[..., 0] > float(post["threshold"]), image_probability, post.get("empty_threshold"))
         fmt = get_format(self.cfg.submission.format)
         return probabilities_to_target(probabilities, fmt, post, self.cfg.generator.targets)
 

@@ -6,10 +6,15 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
+from backends import run_on_jax
 
+from kseg.core.config import load_config
 from kseg.core.errors import ConfigError
+from kseg.core.formats import get_format
 from kseg.nn.registry import build_model
 from kseg.tasks.semantic.auxiliary import main_model, output_roles
+from kseg.tasks.semantic.postprocess import gate, probabilities_to_target
+from kseg.tasks.semantic.task import build_models
 from kseg.tasks.semantic.training_graph import build_training_model, inference_model_of
 
 TINY = {"input_shape": (None, None, 1), "depth": 3, "base_filters": 4}
@@ -154,6 +159,102 @@ def test_bad_options_name_what_works():
         build_model("fpn", input_shape=(None, None, 1), deep_supervision=True)
 
 
+def test_inference_model_carries_the_image_probability_as_a_last_channel():
+    keras.utils.set_random_seed(5)
+    model = build_model("unet", **TINY, targets="mask+border", deep_supervision=True, classification_head=True)
+    x = batch(seed=5)["image"]
+    main, _, _, probability = model.predict(x, verbose=0)
+    inference = main_model(model)
+    assert len(inference.outputs) == 1
+    out = inference.predict(x, verbose=0)
+    assert out.shape == (4, 32, 32, 3)
+    np.testing.assert_array_equal(out[..., :2], main)
+    np.testing.assert_allclose(out[..., 2], np.broadcast_to(probability[:, :, None], (4, 32, 32)), rtol=1e-6)
+
+
+def two_squares(probability):
+    """A 20 x 20 mask-probability map with two squares, and the image-level channel."""
+    pixels = np.zeros((20, 20, 1), np.float32)
+    pixels[2:8, 2:8] = pixels[12:18, 12:18] = 0.9
+    return pixels, np.concatenate([pixels, np.full((20, 20, 1), probability, np.float32)], axis=-1)
+
+
+@pytest.mark.parametrize("fmt", ["dsb_instances", "tgs_salt"])
+def test_gate_empties_exactly_the_images_below_the_threshold(fmt):
+    post = {"method": "components", "threshold": 0.5, "min_size": 4, "empty_threshold": 0.3}
+    for probability in (0.05, 0.29, 0.3, 0.8):
+        pixels, with_channel = two_squares(probability)
+        plain = probabilities_to_target(pixels, get_format(fmt), {**post, "empty_threshold": None})
+        assert plain.max() >= 1
+        gated = probabilities_to_target(with_channel, get_format(fmt), post)
+        assert gated.dtype == plain.dtype and gated.shape == plain.shape
+        if probability < 0.3:
+            assert not gated.any()
+        else:
+            np.testing.assert_array_equal(gated, plain)
+        # Threshold off: the channel is only taken off.
+        np.testing.assert_array_equal(probabilities_to_target(with_channel, get_format(fmt), {**post, "empty_threshold": None}),
+                                      plain)
+    target = np.ones((3, 3), np.uint8)
+    assert gate(target, 0.9, 0.5) is target and gate(target, None, 0.5) is target and gate(target, 0.1, None) is target
+    np.testing.assert_array_equal(gate(target, 0.1, 0.5), np.zeros((3, 3), np.uint8))
+
+
+def test_classification_head_with_softmax_classes_is_refused(tmp_path):
+    cfg = load_config("demo", data_root=str(tmp_path), overrides=[
+        "generator.targets=classes", "train.loss=ce", "model.args.n_classes=3", "model.args.depth=2",
+        "model.args.base_filters=4", "model.args.classification_head=true"])
+    with pytest.raises(ConfigError, match="classification_head needs sigmoid targets"):
+        build_models(cfg, 3)
+
+
+@pytest.mark.slow
+def test_a_tiny_model_learns_which_images_are_empty():
+    keras.utils.set_random_seed(6)
+    rng = np.random.default_rng(6)
+    image = rng.normal(0.3, 0.05, (8, 32, 32, 1)).astype(np.float32)
+    target = np.zeros((8, 32, 32, 1), np.float32)
+    for i in range(4):  # images 0-3 hold a bright square; 4-7 are empty
+        r, c = rng.integers(0, 20, 2)
+        image[i, r:r + 10, c:c + 10] = 0.9
+        target[i, r:r + 10, c:c + 10] = 1
+    model = build_model("unet", input_shape=(None, None, 1), depth=2, base_filters=4, classification_head=True,
+                        classification_dropout=0.0)
+    training = build_training_model(model, loss="bce", classification_weight=1.0)
+    training.compile(optimizer=keras.optimizers.Adam(1e-2))
+    x = {"image": image, "weight_map": np.ones_like(target), "target": target}
+    training.fit(x, batch_size=8, epochs=40, verbose=0)
+    probability = main_model(model).predict(image, verbose=0)[:, 0, 0, 1]
+    assert probability[:4].min() > 0.5 > probability[4:].max(), probability
+
+
+@pytest.mark.slow
+def test_auxiliary_losses_and_image_channel_on_jax():
+    run_on_jax("""
+        import keras, numpy as np
+        from kseg.nn.registry import build_model
+        from kseg.tasks.semantic import losses
+        from kseg.tasks.semantic.auxiliary import main_model
+        from kseg.tasks.semantic.training_graph import build_training_model
+        keras.utils.set_random_seed(7)
+        model = build_model("unetpp", input_shape=(None, None, 1), depth=2, base_filters=4,
+                            deep_supervision=True, classification_head=True)
+        training = build_training_model(model, loss="bce", deep_supervision_weight=0.5, classification_weight=0.0)
+        training.compile(optimizer="adam")
+        rng = np.random.default_rng(7)
+        x = {"image": rng.random((2, 32, 32, 1), dtype=np.float32), "weight_map": np.ones((2, 32, 32, 1), np.float32)}
+        x["target"] = (x["image"] > 0.5).astype(np.float32)
+        main, aux, probability = model.predict(x["image"], verbose=0)
+        bce = losses.loss_function("bce")
+        expected = float(bce(x["target"], main, x["weight_map"])) + 0.5 * float(bce(x["target"], aux, x["weight_map"]))
+        assert abs(training.evaluate(x, verbose=0) - expected) < 1e-5 * expected
+        out = main_model(model).predict(x["image"], verbose=0)
+        assert np.array_equal(out[..., 0], main[..., 0]) and np.allclose(out[0, :, :, 1], probability[0, 0])
+        training.fit(x, epochs=1, verbose=0)
+        print("ok")
+    """)
+
+
 class Interrupt(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         if epoch == 1:
@@ -162,7 +263,6 @@ class Interrupt(keras.callbacks.Callback):
 
 @pytest.mark.slow
 def test_demo_run_with_auxiliary_outputs_trains_resumes_and_saves_one_output(demo_root, tmp_path):
-    from kseg.core.config import load_config
     from kseg.core.runs import find_resumable_run
     from kseg.engine.fit import train
 
@@ -181,5 +281,6 @@ def test_demo_run_with_auxiliary_outputs_trains_resumes_and_saves_one_output(dem
         on_epoch_begin=lambda epoch, logs: started.append(epoch))])
     assert result.run_dir == interrupted and started == [1]
     best = keras.saving.load_model(result.run_dir / "best.keras")
-    assert len(best.outputs) == 1 and not [layer for layer in best.layers if layer.name.startswith(("aux", "class"))]
+    assert len(best.outputs) == 1 and not [layer for layer in best.layers if layer.name.startswith("aux")]
+    assert best.outputs[0].shape[-1] == len(cfg.generator.targets.split("+")) + 1  # + the image-level channel
     assert np.isfinite(result.val_score)
