@@ -2,8 +2,9 @@
 the image-level classification head; and the split of a model that has them into the one-output
 inference model.
 
-A builder given ``deep_supervision=True`` or ``classification_head=True`` returns a model with
-several outputs, the main head first::
+A builder given ``deep_supervision=True`` (``unet``, ``unetpp``, ``linknet``) or
+``classification_head=True`` (those and ``fpn``, ``deeplabv3plus``) returns a model with several
+outputs, the main head first::
 
     [probs, aux1_probs, ..., auxN_probs, classification]
 

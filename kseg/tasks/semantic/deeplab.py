@@ -33,6 +33,11 @@ from kseg.core.errors import ConfigError
 from kseg.nn.blocks import check_input_size, conv_bn_relu, conv_block
 from kseg.nn.registry import register_model
 from kseg.tasks.semantic.attention import attend, check_attention
+from kseg.tasks.semantic.auxiliary import (
+    assemble,
+    check_auxiliary,
+    classification_output,
+)
 from kseg.tasks.semantic.decoders import (
     check_dropout,
     check_encoder_options,
@@ -120,6 +125,8 @@ def deeplabv3plus(
     encoder: str | None = None,
     encoder_weights: str | Path | None = None,
     input_norm: str | None = None,
+    classification_head: bool = False,
+    classification_dropout: float = 0.2,
     name: str = "deeplabv3plus",
 ) -> keras.Model:
     """Build the DeepLabV3+ inference model: image (B, H, W, C) -> (B, H, W, n_out); H, W
@@ -134,13 +141,16 @@ def deeplabv3plus(
         batch_norm: BatchNorm in the plain encoder, ASPP (but its pooling branch) and decoder.
         attention: None, ``"scse"`` or ``"scse_max"`` after the decoder convolutions.
         base_filters, residual, input_norm: the plain encoder (four levels, as ``unet``).
-        n_classes, targets, activation, encoder, encoder_weights: as for ``unet``.
+        n_classes, targets, activation, encoder, encoder_weights, classification_head,
+            classification_dropout: as for ``unet`` (the classification head reads the encoder's
+            deepest feature; there is no ``deep_supervision`` here).
     """
     n_out, activation = resolve_head(n_classes, targets, activation)
     check_encoder_options(input_shape, base_filters=base_filters, encoder=encoder,
                           encoder_weights=encoder_weights, input_norm=input_norm)
     check_dropout(dropout)
     check_attention(attention)
+    check_auxiliary(0, deep_supervision=False, classification_dropout=classification_dropout, decoder=name)
     rates = _check_rates(atrous_rates)
     for option, value in (("aspp_filters", aspp_filters), ("low_level_filters", low_level_filters),
                           ("decoder_filters", decoder_filters)):
@@ -154,6 +164,7 @@ def deeplabv3plus(
                                 base_filters=base_filters, batch_norm=batch_norm, residual=residual,
                                 input_norm=input_norm)
     require_strides(skips, (4,), decoder="deeplabv3plus", encoder=encoder)
+    classification = classification_output(x, classification_dropout) if classification_head else None
     x = aspp(x, int(aspp_filters), rates, batch_norm=batch_norm, dropout=float(dropout))
     x = layers.UpSampling2D(4, interpolation="bilinear", name="aspp_upsample")(x)
     low = conv_bn_relu(skips[4], int(low_level_filters), 1, batch_norm=batch_norm, name="low_level")
@@ -162,4 +173,4 @@ def deeplabv3plus(
     x = attend(x, attention, name="decoder_scse")
     x = layers.Conv2D(n_out, 1, padding="same", name="head")(x)
     x = layers.UpSampling2D(4, interpolation="bilinear", name="head_upsample")(x)
-    return keras.Model(inputs, output_head(x, activation), name=name)
+    return assemble(inputs, output_head(x, activation), classification=classification, name=name)

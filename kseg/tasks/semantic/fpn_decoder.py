@@ -33,6 +33,11 @@ from kseg.nn.blocks import check_input_size
 from kseg.nn.fpn import fpn_pyramid
 from kseg.nn.registry import register_model
 from kseg.tasks.semantic.attention import attend, check_attention
+from kseg.tasks.semantic.auxiliary import (
+    assemble,
+    check_auxiliary,
+    classification_output,
+)
 from kseg.tasks.semantic.decoders import (
     check_dropout,
     check_encoder_options,
@@ -89,6 +94,8 @@ def fpn(
     encoder: str | None = None,
     encoder_weights: str | Path | None = None,
     input_norm: str | None = None,
+    classification_head: bool = False,
+    classification_dropout: float = 0.2,
     name: str = "fpn",
 ) -> keras.Model:
     """Build the FPN inference model: image (B, H, W, C) -> (B, H, W, n_out); H, W multiples of 32.
@@ -101,13 +108,16 @@ def fpn(
         attention: None, ``"scse"`` or ``"scse_max"`` at the end of every branch.
         base_filters, batch_norm, residual, input_norm: the plain encoder (five levels, as for
             ``unet`` with depth 5).
-        n_classes, targets, activation, encoder, encoder_weights: as for ``unet``.
+        n_classes, targets, activation, encoder, encoder_weights, classification_head,
+            classification_dropout: as for ``unet`` (the classification head reads the encoder's
+            deepest feature; there is no ``deep_supervision`` here).
     """
     n_out, activation = resolve_head(n_classes, targets, activation)
     check_encoder_options(input_shape, base_filters=base_filters, encoder=encoder,
                           encoder_weights=encoder_weights, input_norm=input_norm)
     check_dropout(dropout)
     check_attention(attention)
+    check_auxiliary(0, deep_supervision=False, classification_dropout=classification_dropout, decoder=name)
     if merge not in FPN_MERGES:
         raise ConfigError(f"merge must be 'add' (sum) or 'concat', got {merge!r}")
     for option, value in (("pyramid_filters", pyramid_filters),
@@ -134,4 +144,5 @@ def fpn(
         merged = layers.SpatialDropout2D(dropout, name="seg_dropout")(merged)
     x = layers.Conv2D(n_out, 1, padding="same", name="head")(merged)
     x = layers.UpSampling2D(4, interpolation="bilinear", name="head_upsample")(x)
-    return keras.Model(inputs, output_head(x, activation), name=name)
+    classification = classification_output(bottleneck, classification_dropout) if classification_head else None
+    return assemble(inputs, output_head(x, activation), classification=classification, name=name)

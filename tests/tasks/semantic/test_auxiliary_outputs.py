@@ -67,6 +67,25 @@ def test_deep_supervision_heads_read_the_decoder_depths(decoder, supervised):
     np.testing.assert_array_equal(inference.predict(x, verbose=0), outputs[0])
 
 
+@pytest.mark.parametrize("decoder, options, deepest", [
+    ("unet", TINY, "bottleneck_out"),
+    ("fpn", {"input_shape": (None, None, 1), "base_filters": 1, "pyramid_filters": 8, "segmentation_filters": 4},
+     "bottleneck_out"),
+    ("deeplabv3plus", {"input_shape": (None, None, 1), "base_filters": 1, "aspp_filters": 8, "low_level_filters": 4,
+                       "decoder_filters": 8, "atrous_rates": (1, 2)}, "bottleneck_out"),
+])
+def test_classification_head_reads_the_deepest_encoder_feature(decoder, options, deepest):
+    keras.utils.set_random_seed(8)
+    model = build_model(decoder, **options, classification_head=True)
+    assert output_names(model) == ["probs", "classification"]
+    assert model.get_layer("classification_pool").input._keras_history[0].name == deepest
+    x = np.random.default_rng(8).random((2, 32, 32, 1)).astype(np.float32)
+    main, probability = model.predict(x, verbose=0)
+    assert probability.shape == (2, 1) and np.all((probability > 0) & (probability < 1))
+    out = main_model(model).predict(x, verbose=0)
+    np.testing.assert_array_equal(out[..., :1], main)
+    np.testing.assert_allclose(out[..., 1], np.broadcast_to(probability[:, :, None], (2, 32, 32)), rtol=1e-6)
+
 def test_options_off_build_the_same_model():
     keras.utils.set_random_seed(0)
     plain = build_model("unet", **TINY)
