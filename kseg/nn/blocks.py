@@ -113,13 +113,14 @@ def upsample_block(x, filters: int, *, mode: str = "transpose", name: str):
     """Double the spatial size and map to ``filters`` channels; output ``{name}_out``.
 
     ``"transpose"``: the paper's 2x2 up-convolution (Conv2DTranspose, stride 2).
-    ``"bilinear"``: bilinear UpSampling2D then a 1x1 convolution (no checkerboard artefacts).
+    ``"bilinear"``: bilinear upsampling (``BilinearUpsample``) then a 1x1 convolution (no
+    checkerboard artefacts).
     """
     if mode == "transpose":
         return layers.Conv2DTranspose(filters, 2, strides=2, padding="same",
                                       kernel_initializer="he_normal", name=f"{name}_out")(x)
     if mode == "bilinear":
-        x = layers.UpSampling2D(2, interpolation="bilinear", name=f"{name}_bilinear")(x)
+        x = BilinearUpsample(2, name=f"{name}_bilinear")(x)
         return layers.Conv2D(filters, 1, padding="same", kernel_initializer="he_normal",
                              name=f"{name}_out")(x)
     raise ConfigError(f"upsampling must be 'transpose' or 'bilinear', got {mode!r}")
@@ -164,6 +165,58 @@ class BilinearUpsampleInitializer(keras.initializers.Initializer):
 
     def get_config(self):
         return {}
+
+
+def _upsample_axis(x, factor: int, axis: int):
+    """Linear upsampling by an integer ``factor`` along ``axis`` (1 or 2), half-pixel centres and
+    clamped edges, as ``tf.image.resize`` / OpenCV's INTER_LINEAR: output pixel ``f*i + r`` lies at
+    ``i + d`` source pixels with ``d = (r + 0.5) / f - 0.5``, between pixel i and its neighbour."""
+    ops = keras.ops
+
+    def take(part: slice):
+        return x[:, part] if axis == 1 else x[:, :, part]
+
+    previous = ops.concatenate([take(slice(0, 1)), take(slice(0, -1))], axis=axis)
+    following = ops.concatenate([take(slice(1, None)), take(slice(-1, None))], axis=axis)
+    phases = []
+    for r in range(factor):
+        d = (r + 0.5) / factor - 0.5
+        phases.append(-d * previous + (1 + d) * x if d < 0 else (1 - d) * x + d * following)
+    stacked = ops.stack(phases, axis=axis + 1)  # (..., length, factor, ...)
+    shape = ops.shape(x)
+    new_shape = [shape[0], shape[1], shape[2], shape[3]]
+    new_shape[axis] = shape[axis] * factor
+    return ops.reshape(stacked, new_shape)
+
+
+@keras.saving.register_keras_serializable(package="kseg")
+class BilinearUpsample(layers.Layer):
+    """Bilinear upsampling by an integer factor that also works on maps of unknown size.
+
+    Keras 3.15's ``UpSampling2D(interpolation="bilinear")`` hands a symbolic size to
+    ``ops.image.resize``, whose ``size[0] <= 0`` check fails inside a TensorFlow graph when the
+    height is unknown (kseg trains on (None, None) inputs). This computes the same values
+    (``tf.image.resize`` bilinear: half-pixel centres, clamped edges) from shifted copies, in
+    ``keras.ops`` only.
+    """
+
+    def __init__(self, factor: int = 2, **kwargs):
+        super().__init__(**kwargs)
+        self.factor = int(factor)
+        if self.factor < 1:
+            raise ConfigError(f"upsampling factor must be >= 1, got {factor}")
+
+    def call(self, x):
+        if self.factor == 1:
+            return x
+        return _upsample_axis(_upsample_axis(x, self.factor, 1), self.factor, 2)
+
+    def compute_output_shape(self, input_shape):
+        b, h, w, c = input_shape
+        return (b, None if h is None else h * self.factor, None if w is None else w * self.factor, c)
+
+    def get_config(self):
+        return {**super().get_config(), "factor": self.factor}
 
 
 INPUT_NORMS = (None, "image")

@@ -16,7 +16,7 @@ from keras import layers
 
 from kseg.core.errors import ConfigError
 from kseg.nn.backbones import build_encoder
-from kseg.nn.blocks import conv_block, input_normalization, residual_block
+from kseg.nn.blocks import BilinearUpsample, conv_block, input_normalization, residual_block
 
 
 def check_encoder_options(
@@ -105,7 +105,7 @@ def hypercolumn(stages: dict[int, Any], *, name: str = "hypercolumn"):
     for stride in sorted(stages):
         x = stages[stride]
         if stride > 1:
-            x = layers.UpSampling2D(stride, interpolation="bilinear", name=f"{name}_up{stride}")(x)
+            x = BilinearUpsample(stride, name=f"{name}_up{stride}")(x)
         parts.append(x)
     if len(parts) == 1:
         return parts[0]

@@ -30,7 +30,7 @@ import keras
 from keras import layers
 
 from kseg.core.errors import ConfigError
-from kseg.nn.blocks import check_input_size, conv_bn_relu, conv_block
+from kseg.nn.blocks import BilinearUpsample, check_input_size, conv_bn_relu, conv_block
 from kseg.nn.registry import register_model
 from kseg.tasks.semantic.attention import attend, check_attention
 from kseg.tasks.semantic.auxiliary import (
@@ -166,11 +166,11 @@ def deeplabv3plus(
     require_strides(skips, (4,), decoder="deeplabv3plus", encoder=encoder)
     classification = classification_output(x, classification_dropout) if classification_head else None
     x = aspp(x, int(aspp_filters), rates, batch_norm=batch_norm, dropout=float(dropout))
-    x = layers.UpSampling2D(4, interpolation="bilinear", name="aspp_upsample")(x)
+    x = BilinearUpsample(4, name="aspp_upsample")(x)
     low = conv_bn_relu(skips[4], int(low_level_filters), 1, batch_norm=batch_norm, name="low_level")
     x = layers.Concatenate(name="decoder_concat")([x, low])
     x = conv_block(x, int(decoder_filters), batch_norm=batch_norm, name="decoder")
     x = attend(x, attention, name="decoder_scse")
     x = layers.Conv2D(n_out, 1, padding="same", name="head")(x)
-    x = layers.UpSampling2D(4, interpolation="bilinear", name="head_upsample")(x)
+    x = BilinearUpsample(4, name="head_upsample")(x)
     return assemble(inputs, output_head(x, activation), classification=classification, name=name)

@@ -29,7 +29,7 @@ import keras
 from keras import layers
 
 from kseg.core.errors import ConfigError
-from kseg.nn.blocks import check_input_size
+from kseg.nn.blocks import BilinearUpsample, check_input_size
 from kseg.nn.fpn import fpn_pyramid
 from kseg.nn.registry import register_model
 from kseg.tasks.semantic.attention import attend, check_attention
@@ -72,7 +72,7 @@ def segmentation_branch(p, level: int, filters: int, *, name: str):
         x = layers.GroupNormalization(groups=groups, name=f"{name}_{n}_gn")(x)
         x = layers.Activation("relu", name=f"{name}_{n}_relu")(x)
         if n <= n_up:
-            x = layers.UpSampling2D(2, interpolation="bilinear", name=f"{name}_{n}_up")(x)
+            x = BilinearUpsample(2, name=f"{name}_{n}_up")(x)
     return x
 
 
@@ -143,6 +143,6 @@ def fpn(
     if dropout:
         merged = layers.SpatialDropout2D(dropout, name="seg_dropout")(merged)
     x = layers.Conv2D(n_out, 1, padding="same", name="head")(merged)
-    x = layers.UpSampling2D(4, interpolation="bilinear", name="head_upsample")(x)
+    x = BilinearUpsample(4, name="head_upsample")(x)
     classification = classification_output(bottleneck, classification_dropout) if classification_head else None
     return assemble(inputs, output_head(x, activation), classification=classification, name=name)

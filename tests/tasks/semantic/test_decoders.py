@@ -131,6 +131,22 @@ def test_dynamic_input_sizes(name):
         assert _out(model, _images(1, size, channels=1)).shape == (1, *size, 1)
 
 
+@pytest.mark.parametrize("name, options", [*((n, {}) for n in NEW_DECODERS),
+                                           ("unet", dict(hypercolumns=True, upsampling="bilinear"))])
+def test_compiled_training_step_on_inputs_of_unknown_size(name, options):
+    """kseg trains on (None, None) inputs inside a compiled graph, where the height is a tensor:
+    bilinear upsampling must not need it as a Python number (Keras' UpSampling2D does)."""
+    keras.utils.set_random_seed(0)
+    tiny = dict(TINY.get(name, dict(depth=2, base_filters=2)))
+    model = build_model(name, input_shape=(None, None, 3), **tiny, **options)
+    training = build_training_model(model, loss="bce")
+    training.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=False)
+    rng = np.random.default_rng(0)
+    batch = {"image": _images(2, 32), "weight_map": np.ones((2, 32, 32, 1), np.float32),
+             "target": rng.integers(0, 2, (2, 32, 32, 1)).astype(np.float32)}
+    assert np.isfinite(training.train_on_batch(batch))
+
+
 def test_mixed_precision_keeps_float32_output():
     policy = keras.config.dtype_policy()
     keras.config.set_dtype_policy("mixed_float16")
