@@ -8,6 +8,7 @@ encoder name means the same nested ``"encoder"`` model (``model.get_layer("encod
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -16,7 +17,13 @@ from keras import layers
 
 from kseg.core.errors import ConfigError
 from kseg.nn.backbones import build_encoder
-from kseg.nn.blocks import BilinearUpsample, conv_block, input_normalization, residual_block
+from kseg.nn.blocks import (
+    BilinearUpsample,
+    check_input_size,
+    conv_block,
+    input_normalization,
+    residual_block,
+)
 
 
 def check_encoder_options(
@@ -34,8 +41,8 @@ def check_encoder_options(
         raise ConfigError(f"base_filters must be >= 1, got {base_filters}")
     if input_norm is not None and encoder is not None:
         raise ConfigError(
-            "input_norm applies to the plain encoder (encoder=None); an encoder expects its own "
-            "input scaling (kseg.nn.backbones.encoder_preprocess)"
+            "input_norm applies to the plain encoder (encoder=None); an encoder scales its input "
+            "inside the model as its weights expect (kseg.nn.input_scaling)"
         )
     if encoder_weights is not None and encoder is None:
         raise ConfigError("encoder_weights needs an encoder, e.g. encoder='resnet50' (names: "
@@ -125,3 +132,32 @@ def check_upsampling(upsampling: str) -> None:
 def image_input(input_shape: Sequence[int | None]) -> keras.KerasTensor:
     """The ``"image"`` input every semantic model takes."""
     return keras.Input(shape=tuple(input_shape), name="image")
+
+
+@dataclass
+class Contracted:
+    """The contracting half of a U-Net-like model: input, skips by stride, the (dropped-out)
+    bottleneck the decoder starts from, and the bottleneck before dropout (classification head)."""
+
+    inputs: Any
+    skips: dict[int, Any]
+    bottleneck: Any
+    deepest: Any
+
+
+def contract(input_shape: Sequence[int | None], *, depth: int, name: str, encoder: str | None,
+             encoder_weights: str | Path | None, base_filters: int, batch_norm: bool, residual: bool,
+             input_norm: str | None, dropout: float) -> Contracted:
+    """Check the resolved ``depth`` and the input size, then build the input, the contracting path
+    and the bottleneck dropout (``bottleneck_dropout``) of ``unet``, ``unetpp`` and ``linknet``."""
+    if depth < 1:
+        raise ConfigError(f"depth must be >= 1, got {depth}")
+    check_input_size(input_shape[0], input_shape[1], 2**depth, what=f"{name} input")
+    inputs = image_input(input_shape)
+    skips, x = contracting_path(inputs, depth=depth, encoder=encoder, encoder_weights=encoder_weights,
+                                base_filters=base_filters, batch_norm=batch_norm, residual=residual,
+                                input_norm=input_norm)
+    deepest = x
+    if dropout:
+        x = layers.Dropout(dropout, name="bottleneck_dropout")(x)
+    return Contracted(inputs, skips, x, deepest)

@@ -22,9 +22,8 @@ from typing import Any, Sequence
 import keras
 from keras import layers
 
-from kseg.core.errors import ConfigError
 from kseg.nn.backbones import encoder_max_depth
-from kseg.nn.blocks import check_input_size, upsample_block
+from kseg.nn.blocks import upsample_block
 from kseg.nn.registry import register_model
 from kseg.tasks.semantic.attention import attend, check_attention
 from kseg.tasks.semantic.auxiliary import with_stage_auxiliary
@@ -32,10 +31,9 @@ from kseg.tasks.semantic.decoders import (
     check_dropout,
     check_encoder_options,
     check_upsampling,
-    contracting_path,
+    contract,
     conv_unit,
     hypercolumn,
-    image_input,
 )
 from kseg.tasks.semantic.heads import AUTO, resolve_head, segmentation_head
 
@@ -116,18 +114,12 @@ def unet(
     check_dropout(dropout)
     check_attention(attention)
     depth = unet_depth(depth, encoder)
-    if depth < 1:
-        raise ConfigError(f"depth must be >= 1, got {depth}")
-    check_input_size(input_shape[0], input_shape[1], 2**depth, what=f"{name} input")
-
     block = conv_unit(residual)
-    inputs = image_input(input_shape)
-    skips, x = contracting_path(inputs, depth=depth, encoder=encoder,
-                                encoder_weights=encoder_weights, base_filters=base_filters,
-                                batch_norm=batch_norm, residual=residual, input_norm=input_norm)
-    deepest = x
-    if dropout:
-        x = layers.Dropout(dropout, name="bottleneck_dropout")(x)
+    contracted = contract(input_shape, depth=depth, name=name, encoder=encoder, encoder_weights=encoder_weights,
+                          base_filters=base_filters, batch_norm=batch_norm, residual=residual,
+                          input_norm=input_norm, dropout=dropout)
+    inputs, skips, deepest = contracted.inputs, contracted.skips, contracted.deepest
+    x = contracted.bottleneck
 
     stages: dict[int, Any] = {}
     for i in reversed(range(depth)):

@@ -29,8 +29,7 @@ from typing import Any, Sequence
 import keras
 from keras import layers
 
-from kseg.core.errors import ConfigError
-from kseg.nn.blocks import check_input_size, upsample_block
+from kseg.nn.blocks import upsample_block
 from kseg.nn.registry import register_model
 from kseg.tasks.semantic.attention import attend, check_attention
 from kseg.tasks.semantic.auxiliary import (
@@ -43,10 +42,9 @@ from kseg.tasks.semantic.decoders import (
     check_dropout,
     check_encoder_options,
     check_upsampling,
-    contracting_path,
+    contract,
     conv_unit,
     hypercolumn,
-    image_input,
 )
 from kseg.tasks.semantic.heads import AUTO, resolve_head, segmentation_head
 from kseg.tasks.semantic.unet import unet_depth, unet_divisor
@@ -101,19 +99,12 @@ def unetpp(
     check_dropout(dropout)
     check_attention(attention)
     depth = unet_depth(depth, encoder)
-    if depth < 1:
-        raise ConfigError(f"depth must be >= 1, got {depth}")
-    check_input_size(input_shape[0], input_shape[1], 2**depth, what=f"{name} input")
-
     block = conv_unit(residual)
-    inputs = image_input(input_shape)
-    skips, bottleneck = contracting_path(inputs, depth=depth, encoder=encoder,
-                                         encoder_weights=encoder_weights,
-                                         base_filters=base_filters, batch_norm=batch_norm,
-                                         residual=residual, input_norm=input_norm)
-    deepest = bottleneck
-    if dropout:
-        bottleneck = layers.Dropout(dropout, name="bottleneck_dropout")(bottleneck)
+    contracted = contract(input_shape, depth=depth, name=name, encoder=encoder, encoder_weights=encoder_weights,
+                          base_filters=base_filters, batch_norm=batch_norm, residual=residual,
+                          input_norm=input_norm, dropout=dropout)
+    inputs, skips, deepest = contracted.inputs, contracted.skips, contracted.deepest
+    bottleneck = contracted.bottleneck
     nodes: dict[tuple[int, int], Any] = {(i, 0): skips[2**i] for i in range(depth) if 2**i in skips}
     nodes[(depth, 0)] = bottleneck
 
