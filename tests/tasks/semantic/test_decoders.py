@@ -11,6 +11,7 @@ import keras
 import numpy as np
 import pytest
 from backends import run_on_jax
+from test_semantic_models import _disk_data
 
 from kseg.core.errors import ConfigError
 from kseg.nn.backbones import ENCODERS
@@ -417,20 +418,6 @@ def test_bad_decoder_options_are_config_errors():
 
 
 # ----------------------------------------------------------------------------- training, backends
-
-
-def _disk_data(n: int = 4, size: int = 32, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size]
-    images = np.empty((n, size, size, 1), np.float32)
-    masks = np.zeros((n, size, size, 1), np.float32)
-    for i in range(n):
-        for _ in range(2):
-            cy, cx = rng.integers(6, size - 6, 2)
-            r = rng.integers(3, 7)
-            masks[i, ..., 0] = np.maximum(masks[i, ..., 0], (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r)
-        images[i] = 0.2 + 0.6 * masks[i] + rng.normal(0, 0.05, (size, size, 1))
-    return images, masks
 
 
 # FPN and DeepLabV3+ predict at stride 4 and upsample the logits bilinearly, which costs disk
