@@ -15,8 +15,8 @@ from tqdm.auto import tqdm
 from kseg import __version__
 from kseg.app.cv import OOF_SCORES, cross_validate, submission_runs, tune_cv
 from kseg.app.evaluate import evaluate_submission
-from kseg.app.pseudo import HIGH, LOW, MIN_CONFIDENT, pseudo_round
 from kseg.app.predict import PROBABILITIES_SUFFIX, predict_images
+from kseg.app.pseudo import HIGH, LOW, MIN_CONFIDENT, pseudo_round
 from kseg.app.tune import tune_postprocess
 from kseg.core import runs
 from kseg.core.config import Config, load_config, project_path, registry
@@ -333,24 +333,33 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _print_gate(record: dict) -> None:
+    gate = record.get("gate")
+    if gate:
+        print(f"  classification gate: {gate['score']:.4f} with empty_threshold "
+              f"{gate['params']['empty_threshold']} (ungated {gate['ungated_score']:.4f})")
+
+
 def cmd_tune(args) -> int:
     """Tune post-processing on the run's validation split; saves runs/<run>/postprocess.json."""
 
     numbers = lambda text, kind: [kind(v) for v in text.split(",")] if text else None  # noqa: E731
     if args.cv:
         record = tune_cv(Path(args.cv), overrides=args.overrides, thresholds=numbers(args.thresholds, float),
-                         min_sizes=numbers(args.min_sizes, int),
+                         min_sizes=numbers(args.min_sizes, int), empty_thresholds=numbers(args.empty_thresholds, float),
                          methods=args.methods.split(",") if args.methods else None, progress=not args.quiet)
         print(f"{record['metric']} on {record['images']} out-of-fold images of folds {record['folds']}: "
               f"{record['config_score']:.4f} with the config's post-processing, {record['score']:.4f} tuned")
         for method, entry in record["methods"].items():
             print(f"  best with {method}: {entry['score']:.4f} {entry['params']}")
+        _print_gate(record)
         print(f"tuned post-processing: {record['params']} -> {Path(args.cv) / 'postprocess.json'}")
         print_oof(json.loads((Path(args.cv) / OOF_SCORES).read_text()))
         return 0
     run = _find_runs(args)[0]
     record = tune_postprocess(run, overrides=args.overrides, thresholds=numbers(args.thresholds, float),
                               min_sizes=numbers(args.min_sizes, int),
+                              empty_thresholds=numbers(args.empty_thresholds, float),
                               methods=args.methods.split(",") if args.methods else None,
                               limit=args.limit, progress=not args.quiet)
     print(f"run: {run}")
@@ -358,6 +367,7 @@ def cmd_tune(args) -> int:
           f"config's post-processing, {record['score']:.4f} tuned")
     for method, entry in record["methods"].items():
         print(f"  best with {method}: {entry['score']:.4f} {entry['params']}")
+    _print_gate(record)
     for group, entry in record["groups"].items():
         print(f"  image group {group}: {entry['score']:.4f} on {entry['images']} images (tuned)")
     print(f"tuned post-processing: {record['params']} -> {run / 'postprocess.json'}")
@@ -455,6 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--thresholds", default=None, help="comma-separated foreground thresholds")
     tune.add_argument("--min-sizes", default=None, help="comma-separated minimum object sizes (pixels)")
     tune.add_argument("--methods", default=None, help="comma-separated methods: components,distance,markers")
+    tune.add_argument("--empty-thresholds", default=None,
+                      help="comma-separated postprocess.empty_threshold values for a model with a classification "
+                           "head (default 0.1,...,0.9; the gate is searched only for such a model)")
     tune.add_argument("--limit", type=int, default=None, help="use only the first N validation images")
     tune.add_argument("--cv", default=None, metavar="DIR",
                       help="a CV folder (make cv): tune on every out-of-fold prediction instead of one run")

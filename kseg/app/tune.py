@@ -1,4 +1,5 @@
-"""Tune post-processing (threshold, minimum object size, marker threshold) on a run's validation
+"""Tune post-processing (threshold, minimum object size, marker threshold, the classification
+head's empty-image gate) on a run's validation
 split and save the best values beside the checkpoint as ``postprocess.json``.
 
 The split is the one training held out (same cache, strata and ``kfold_split`` arguments from the
@@ -32,12 +33,17 @@ from kseg.metrics.evaluators import MeanScore, evaluate
 from kseg.metrics.scores import score_image
 from kseg.submission.formats import get_format
 from kseg.tasks.base import load_members, task_class
-from kseg.tasks.semantic.postprocess import POSTPROCESS_KEYS, probabilities_to_target
+from kseg.tasks.semantic.postprocess import (
+    POSTPROCESS_KEYS,
+    probabilities_to_target,
+    split_image_probability,
+)
 from kseg.tasks.semantic.predictor import Predictor
 
 TUNED_NAME = runs.TUNED
 DEFAULT_THRESHOLDS = tuple(np.round(np.arange(0.30, 0.701, 0.05), 2).tolist())
 DEFAULT_MIN_SIZES = (0, 4, 8, 16, 32, 64, 128)
+DEFAULT_EMPTY_THRESHOLDS = tuple(np.round(np.arange(0.1, 0.91, 0.1), 1).tolist())
 INSTANCE_METHODS = ("components", "distance", "markers")
 
 
@@ -55,7 +61,7 @@ def _grid(base: dict, method: str, thresholds: Sequence[float], min_sizes: Seque
 def tune_postprocess(run_dir: str | Path, overrides: Sequence[str] = (), thresholds: Sequence[float] | None = None,
                      min_sizes: Sequence[int] | None = None, marker_thresholds: Sequence[float] | None = None,
                      methods: Sequence[str] | None = None, limit: int | None = None,
-                     progress: bool = True) -> dict:
+                     empty_thresholds: Sequence[float] | None = None, progress: bool = True) -> dict:
     """Grid-search post-processing (:func:`search_postprocess`) on the run's validation split; write
     and return ``postprocess.json``."""
     run_dir = Path(run_dir)
@@ -78,7 +84,8 @@ def tune_postprocess(run_dir: str | Path, overrides: Sequence[str] = (), thresho
         cases.append((sample.target, predictor.predict(sample.image)))
         groups.append(decoded_group(sample.image, sample.integrity))
     found = search_postprocess(cases, cfg, thresholds=thresholds, min_sizes=min_sizes,
-                               marker_thresholds=marker_thresholds, methods=methods, progress=progress)
+                               marker_thresholds=marker_thresholds, methods=methods,
+                               empty_thresholds=empty_thresholds, progress=progress)
     record = {
         **found,
         "groups": group_scores(cases, groups, found["params"], cfg),
@@ -93,14 +100,17 @@ def tune_postprocess(run_dir: str | Path, overrides: Sequence[str] = (), thresho
 
 
 def search_postprocess(cases: Sequence[tuple[np.ndarray, np.ndarray]], cfg, *, thresholds=None, min_sizes=None,
-                       marker_thresholds=None, methods=None, progress: bool = True) -> dict:
+                       marker_thresholds=None, methods=None, empty_thresholds=None, progress: bool = True) -> dict:
     """The best post-processing for ``cases`` (truth, probabilities) under ``cfg``'s format and
     targets: ``params``, ``score``, ``config_score`` (the config's own values), the best of each
-    method and every setting tried (``grid``).
+    method, the best empty-image gate (``gate``, when the model has a classification head) and every
+    setting tried (``grid``).
 
     For each method (default: every instance-separation method the model's channels allow),
     threshold x min_size are searched jointly; for ``markers`` the marker threshold is then searched
-    with the best pair fixed. The config's values are tried first and ties keep the earlier setting.
+    with the best pair fixed. With a classification head's channel, ``empty_threshold`` is then
+    searched with the best pixel settings fixed. The config's values are tried first and ties keep
+    the earlier setting.
     """
     fmt = get_format(cfg.submission.format)
     targets_spec = cfg.generator.targets
@@ -130,7 +140,9 @@ def search_postprocess(cases: Sequence[tuple[np.ndarray, np.ndarray]], cfg, *, t
                 best, best_score = params, score
         return best, best_score
 
-    total = 1 + len(methods) * len(thresholds) * len(min_sizes)
+    gated = any(split_image_probability(probs, targets_spec)[1] is not None for _, probs in cases)
+    empty_thresholds = (empty_thresholds or DEFAULT_EMPTY_THRESHOLDS) if gated else ()
+    total = 1 + len(methods) * len(thresholds) * len(min_sizes) + len(empty_thresholds)
     bar = tqdm(total=total, desc="post-processing grid", unit="setting", disable=not progress, file=sys.stderr)
     best, best_score = search([dict(base)])
     config_score = best_score
@@ -148,9 +160,16 @@ def search_postprocess(cases: Sequence[tuple[np.ndarray, np.ndarray]], cfg, *, t
         per_method[method] = {"params": method_best, "score": method_score}
         if method_score > best_score:
             best, best_score = method_best, method_score
+    gate = None
+    if empty_thresholds:  # images the head calls empty are emptied: the pixel settings stay fixed
+        gate_best, gate_score = search([{**best, "empty_threshold": float(t)} for t in empty_thresholds])
+        bar.update(len(empty_thresholds))
+        gate = {"params": gate_best, "score": gate_score, "ungated_score": best_score}
+        if gate_score > best_score:
+            best, best_score = gate_best, gate_score
     bar.close()
     return {"params": best, "score": best_score, "config_score": config_score, "methods": per_method,
-            "metric": fmt.metric, "format": fmt.name, "grid": scores}
+            "gate": gate, "metric": fmt.metric, "format": fmt.name, "grid": scores}
 
 
 def group_scores(cases: Sequence[tuple[np.ndarray, np.ndarray]], groups: Sequence[str], params: dict,

@@ -52,6 +52,11 @@ class TensorBoardPictures(keras.callbacks.Callback):
         """``(title, uint8 H x W x 3)`` pairs for this epoch."""
         raise NotImplementedError
 
+    def scalars(self) -> list[tuple[str, float]]:
+        """``(title, value)`` pairs drawn beside the pictures (per image values); none by default.
+        Called after :meth:`pictures`, so a subclass may keep what it computed there."""
+        return []
+
     def on_epoch_end(self, epoch, logs=None):
         if epoch % self.every:
             return
@@ -64,6 +69,8 @@ class TensorBoardPictures(keras.callbacks.Callback):
         with self._writer.as_default():
             for title, picture in pictures:
                 tf.summary.image(title, picture[None], step=epoch)
+            for title, value in self.scalars():
+                tf.summary.scalar(title, value, step=epoch)
         self._writer.flush()
 
     def on_train_end(self, logs=None):

@@ -162,7 +162,8 @@ class SemanticTask(Task):
         weights = [a.get("weight", np.ones(a["target"].shape, np.float32)) for a in self.valid_arrays]
         whole_truths = [np.asarray(a["target"]) for a in self.valid_arrays]
         return [TensorBoardImages(inference, logs_dir, images, whole_truths, weights,
-                                  pad_multiple=self.divisor, every=int(self.cfg.train.image_every))]
+                                  pad_multiple=self.divisor, every=int(self.cfg.train.image_every),
+                                  targets=self.cfg.generator.targets)]
 
     def baselines(self, images, truths):
         """All-empty, all-foreground and Otsu predictions, in the form the monitor scores."""

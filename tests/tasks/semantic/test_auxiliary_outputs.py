@@ -8,11 +8,14 @@ import numpy as np
 import pytest
 from backends import run_on_jax
 
+from kseg.app.tune import search_postprocess
 from kseg.core.config import load_config
 from kseg.core.errors import ConfigError
 from kseg.core.formats import get_format
+from kseg.core.pictures import picture_row
 from kseg.nn.registry import build_model
 from kseg.tasks.semantic.auxiliary import main_model, output_roles
+from kseg.tasks.semantic.callbacks import TensorBoardImages
 from kseg.tasks.semantic.postprocess import gate, probabilities_to_target
 from kseg.tasks.semantic.task import build_models
 from kseg.tasks.semantic.training_graph import build_training_model, inference_model_of
@@ -219,6 +222,50 @@ def test_gate_empties_exactly_the_images_below_the_threshold(fmt):
     np.testing.assert_array_equal(gate(target, 0.1, 0.5), np.zeros((3, 3), np.uint8))
 
 
+def test_tune_searches_the_gate_with_the_pixel_settings_fixed(tmp_path):
+    """Two images with objects (head: 0.8, 0.75) and two empty ones where the pixels see an object
+    (head: 0.2, 0.25). Ungated 0.5; a gate in (0.25, 0.75] empties exactly the two: 1.0."""
+    cfg = load_config("demo", data_root=str(tmp_path), overrides=[
+        "generator.targets=mask", "postprocess.method=components", "postprocess.threshold=0.5",
+        "postprocess.min_size=0"])
+    square = np.zeros((20, 20), np.int32)
+    square[2:8, 2:8] = 1
+
+    def predicted(probability):  # the square at 0.9, and the head's channel
+        return np.stack([0.9 * square, np.full((20, 20), probability)], axis=-1).astype(np.float32)
+
+    cases = [(square, predicted(0.8)), (square, predicted(0.75)),
+             (0 * square, predicted(0.2)), (0 * square, predicted(0.25))]
+    found = search_postprocess(cases, cfg, thresholds=[0.5], min_sizes=[0], methods=["components"], progress=False)
+    assert found["gate"]["ungated_score"] == pytest.approx(0.5)
+    assert found["params"]["empty_threshold"] == pytest.approx(0.3) and found["score"] == pytest.approx(1.0)
+    by_gate = {g["empty_threshold"]: g["score"] for g in found["grid"] if g.get("empty_threshold") is not None}
+    assert by_gate == pytest.approx({0.1: 0.5, 0.2: 0.5, 0.3: 1.0, 0.4: 1.0, 0.5: 1.0, 0.6: 1.0, 0.7: 1.0,
+                                     0.8: 0.75, 0.9: 0.5})
+    ungated = search_postprocess([(t, p[..., :1]) for t, p in cases], cfg, thresholds=[0.5], min_sizes=[0],
+                                 methods=["components"], progress=False)
+    assert ungated["gate"] is None and ungated["score"] == pytest.approx(0.5)
+    assert all(g.get("empty_threshold") is None for g in ungated["grid"])
+
+
+def test_tensorboard_pictures_draw_the_pixels_and_log_the_image_probability(tmp_path):
+    """The head's channel is not a third colour in the prediction panel: a scalar per image."""
+    image = keras.Input((None, None, 1))
+    head = keras.layers.Conv2D(1, 1, activation="sigmoid", kernel_initializer="zeros",
+                               bias_initializer=keras.initializers.Constant(np.log(0.25 / 0.75)))(image)
+    model = keras.Model(image, keras.layers.Concatenate()([image, head]))
+    rng = np.random.default_rng(0)
+    picture = rng.random((16, 16, 1)).astype(np.float32)
+    truth, weight = np.zeros((16, 16), np.int32), np.ones((16, 16, 1), np.float32)
+    callback = TensorBoardImages(model, tmp_path, [picture], [truth], [weight], pad_multiple=8, targets="mask")
+    [(title, drawn)] = callback.pictures()
+    np.testing.assert_array_equal(drawn, picture_row(picture, truth, picture, weight))
+    [(name, value)] = callback.scalars()
+    assert name == "validation/0: non-empty probability" and value == pytest.approx(0.25, abs=1e-6)
+    plain = TensorBoardImages(model, tmp_path, [picture], [truth], [weight], pad_multiple=8, targets="mask+border")
+    assert plain.pictures()[0][1].shape == drawn.shape and plain.scalars() == []
+
+
 def test_classification_head_with_softmax_classes_is_refused(tmp_path):
     cfg = load_config("demo", data_root=str(tmp_path), overrides=[
         "generator.targets=classes", "train.loss=ce", "model.args.n_classes=3", "model.args.depth=2",
@@ -251,7 +298,8 @@ def test_a_tiny_model_learns_which_images_are_empty():
 def test_auxiliary_losses_and_image_channel_on_jax():
     run_on_jax("""
         import keras, numpy as np
-        from kseg.nn.registry import build_model
+        from kseg.core.pictures import picture_row
+from kseg.nn.registry import build_model
         from kseg.tasks.semantic import losses
         from kseg.tasks.semantic.auxiliary import main_model
         from kseg.tasks.semantic.training_graph import build_training_model
@@ -303,3 +351,14 @@ def test_demo_run_with_auxiliary_outputs_trains_resumes_and_saves_one_output(dem
     assert len(best.outputs) == 1 and not [layer for layer in best.layers if layer.name.startswith("aux")]
     assert best.outputs[0].shape[-1] == len(cfg.generator.targets.split("+")) + 1  # + the image-level channel
     assert np.isfinite(result.val_score)
+    import tensorflow as tf
+
+    from kseg.app.tune import tune_postprocess
+
+    tags = {value.tag for path in (result.run_dir / "logs" / "images").glob("events.out.tfevents.*")
+            for event in tf.compat.v1.train.summary_iterator(str(path)) for value in event.summary.value}
+    assert "validation/0: non-empty probability" in tags and any(t.endswith("| weight map") for t in tags)
+    record = tune_postprocess(result.run_dir, thresholds=[0.5], min_sizes=[0], methods=["distance"], progress=False)
+    gates = [g["empty_threshold"] for g in record["grid"] if g.get("empty_threshold") is not None]
+    assert gates == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
+    assert record["score"] >= record["gate"]["ungated_score"] >= record["config_score"] - 1e-12
