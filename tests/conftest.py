@@ -93,3 +93,16 @@ def assert_read_as_trained():
                 np.testing.assert_array_equal(predicted_from[..., channel], trained_on[..., 0])
 
     return check
+
+
+@pytest.fixture(scope="session")
+def keras_hub():
+    return pytest.importorskip("keras_hub")
+
+
+@pytest.fixture(scope="session")
+def presets(keras_hub, tmp_path_factory):
+    """``presets(family)``: a local preset folder of a tiny keras-hub backbone (``tests/hub_presets.py``)."""
+    from hub_presets import PresetFolders
+
+    return PresetFolders(keras_hub, tmp_path_factory.mktemp("presets"))

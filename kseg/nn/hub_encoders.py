@@ -211,4 +211,21 @@ def build_hub_encoder(name: str, input_shape: Sequence[int | None], *,
                           what=f"the image converter of {folder}")
     outputs = features(x)
     outputs = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+    if any(t.shape[-1] is None for t in outputs):
+        outputs = _with_known_channels(features, outputs, input_shape, name)
     return keras.Model(inputs, outputs, name="encoder"), strides
+
+
+def _with_known_channels(features: keras.Model, outputs: list, input_shape: Sequence[int | None],
+                         name: str) -> list:
+    """keras-hub's MiT leaves the channels of a 1 x 1 feature map unknown (32 px input, stride 32);
+    a decoder's convolutions need them. With the fixed input size such a backbone needs, one
+    forward pass of zeros measures them and a Reshape states them."""
+    if None in tuple(input_shape[:2]):
+        raise ConfigError(f"encoder {name!r}: a feature map of unknown channels needs a fixed input "
+                          f"height and width, got input shape {tuple(input_shape)}")
+    measured = features(np.zeros((1, *input_shape), np.float32))
+    measured = measured if isinstance(measured, (list, tuple)) else [measured]
+    return [t if t.shape[-1] is not None else
+            keras.layers.Reshape(tuple(m.shape[1:]), name=f"known_channels_{k}")(t)
+            for k, (t, m) in enumerate(zip(outputs, measured))]

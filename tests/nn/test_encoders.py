@@ -14,15 +14,13 @@ import keras
 import numpy as np
 import pytest
 from backends import run_on_jax
+from hub_presets import MEAN, STD, tiny_resnet
 
 from kseg.core.errors import ConfigError
 from kseg.models import load_model
 from kseg.nn.backbones import ENCODERS, build_encoder, encoder_max_depth, list_encoders
 from kseg.nn.input_scaling import SCALINGS, ImageScaling
 from kseg.nn.registry import build_model, input_divisor
-
-MEAN = np.array([0.485, 0.456, 0.406])
-STD = np.array([0.229, 0.224, 0.225])
 
 
 def _images(n: int, size: int, channels: int = 3, seed: int = 0) -> np.ndarray:
@@ -140,69 +138,6 @@ def test_entry_features_sit_at_their_strides(name):
 # ----------------------------------------------------------------------------- keras-hub presets
 
 
-@pytest.fixture(scope="module")
-def keras_hub():
-    return pytest.importorskip("keras_hub")
-
-
-def _resnet(keras_hub, pre_activation=False, stacks=4):
-    return keras_hub.models.ResNetBackbone(
-        input_conv_filters=[64], input_conv_kernel_sizes=[3], stackwise_num_filters=[64] + [8] * (stacks - 1),
-        stackwise_num_blocks=[1] * stacks, stackwise_num_strides=[1] + [2] * (stacks - 1),
-        block_type="basic_block", use_pre_activation=pre_activation)
-
-
-FAMILIES = {  # tiny configurations of each keras-hub family
-    "resnet": lambda kh: _resnet(kh),
-    "resnetv2": lambda kh: _resnet(kh, pre_activation=True),
-    "efficientnet": lambda kh: kh.models.EfficientNetBackbone(
-        stackwise_kernel_sizes=[3, 3, 3, 3], stackwise_num_repeats=[1, 1, 1, 1],
-        stackwise_input_filters=[8, 8, 8, 8], stackwise_output_filters=[8, 8, 8, 8],
-        stackwise_expansion_ratios=[1, 2, 2, 2], stackwise_squeeze_and_excite_ratios=[0.0, 0.0, 0.25, 0.25],
-        stackwise_strides=[2, 2, 2, 2], stackwise_block_types=["fused", "fused", "unfused", "unfused"],
-        width_coefficient=1.0, depth_coefficient=1.0, dropout=0.0),  # num_features: keras-hub does not save it
-    "densenet": lambda kh: kh.models.DenseNetBackbone(stackwise_num_repeats=[1, 1, 1, 1], growth_rate=4),
-    "mit": lambda kh: kh.models.MiTBackbone(
-        layerwise_depths=[1, 1, 1, 1], num_layers=4, layerwise_num_heads=[1, 1, 1, 1],
-        layerwise_sr_ratios=[4, 2, 1, 1], max_drop_path_rate=0.0, layerwise_patch_sizes=[7, 3, 3, 3],
-        layerwise_strides=[4, 2, 2, 2], hidden_dims=[4, 8, 8, 8], image_shape=(32, 32, 3)),
-    "cspresnet": lambda kh: kh.models.CSPNetBackbone(
-        stem_filters=8, stem_kernel_size=3, stem_strides=4, stackwise_depth=[1, 1, 1, 1],
-        stackwise_strides=[1, 2, 2, 2], stackwise_num_filters=[8, 16, 16, 16], block_type="bottleneck_block",
-        stage_type="csp", bottle_ratio=[0.5], block_ratio=[1.0], expand_ratio=[2.0], stem_pooling="max",
-        cross_linear=True),
-    "cspdarknet": lambda kh: kh.models.CSPNetBackbone(
-        stem_filters=8, stem_kernel_size=3, stem_strides=1, stackwise_depth=[1] * 5, stackwise_strides=[2] * 5,
-        stackwise_num_filters=[8, 16, 16, 16, 16], block_type="dark_block", stage_type="csp",
-        bottle_ratio=(0.5, 1.0), block_ratio=(1.0, 0.5), expand_ratio=(2.0, 1.0), stem_padding="same",
-        down_growth=True),
-}
-
-
-@pytest.fixture(scope="module")
-def presets(keras_hub, tmp_path_factory):
-    """``presets(family)``: a preset folder of the tiny backbone (ResNet: with a converter)."""
-    root = tmp_path_factory.mktemp("presets")
-    made = {}
-
-    def make(family: str) -> str:
-        if family not in made:
-            folder = root / family
-            backbone = FAMILIES[family](keras_hub)
-            if family == "resnet":  # a known weight, to see it arrive in the encoder
-                conv = backbone.get_layer("conv1_conv")
-                conv.kernel.assign(np.full(conv.kernel.shape, 0.01, np.float32))
-            backbone.save_to_preset(str(folder))
-            if family == "resnet":
-                keras_hub.layers.ResNetImageConverter(
-                    image_size=(224, 224), scale=list(1 / (255 * STD)), offset=list(-MEAN / STD),
-                ).save_to_preset(str(folder))
-            made[family] = "keras_hub:" + str(folder)
-        return made[family]
-
-    return make
-
-
 @pytest.mark.parametrize("family, strides, stride2_layer", [
     ("resnet", [2, 4, 8, 16, 32], "conv1_relu"),
     ("resnetv2", [2, 4, 8, 16, 32], "conv1_conv"),
@@ -216,6 +151,7 @@ def test_hub_families_give_features_at_measured_strides(presets, family, strides
     encoder, got = build_encoder(presets(family), (32, 32, 3))
     assert got == strides
     assert [tuple(t.shape[1:3]) for t in encoder.outputs] == [(32 // s, 32 // s) for s in strides]
+    assert all(t.shape[-1] for t in encoder.outputs)  # MiT's 1 x 1 map at stride 32 too: convolutions need it
     features = encoder.layers[-1]
     if stride2_layer is not None:
         assert encoder.outputs[0].shape[1] == 16
@@ -288,7 +224,7 @@ def test_hub_preset_without_converter_gets_raw_pixels(presets, keras_hub):
 
 def test_hub_depth_and_options_are_checked(presets, keras_hub, tmp_path):
     shallow = tmp_path / "shallow"
-    _resnet(keras_hub, stacks=3).save_to_preset(str(shallow))  # deepest feature at stride 16
+    tiny_resnet(keras_hub, stacks=3).save_to_preset(str(shallow))  # deepest feature at stride 16
     with pytest.raises(ConfigError, match=r"strides \[2, 4, 8, 16\], so depth must be one of \[1, 2, 3, 4\]"):
         build_model("unet", input_shape=(64, 64, 3), encoder=f"keras_hub:{shallow}")
     model = build_model("unet", input_shape=(64, 64, 3), encoder=f"keras_hub:{shallow}", depth=4, base_filters=2)

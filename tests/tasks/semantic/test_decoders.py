@@ -11,6 +11,7 @@ import keras
 import numpy as np
 import pytest
 from backends import run_on_jax
+from hub_presets import FAMILIES as HUB_FAMILIES
 from test_semantic_models import _disk_data
 
 from kseg.core.errors import ConfigError
@@ -32,6 +33,7 @@ TINY = {
                           atrous_rates=(1, 2, 3)),
 }
 NEW_DECODERS = ("unetpp", "fpn", "deeplabv3plus", "linknet")
+DECODERS = ("unet", *NEW_DECODERS)
 HEADS = {
     "mask": dict(targets="mask"),
     "mask+border": dict(targets="mask+border"),
@@ -183,11 +185,12 @@ def _encoder_families() -> list[str]:
 
 
 def _encoder_cases():
-    """Each encoder family with one decoder, each decoder with at least one encoder (heads cycle)."""
-    encoders = _encoder_families()
-    n = max(len(encoders), len(NEW_DECODERS))
-    return [(encoders[k % len(encoders)], NEW_DECODERS[k % len(NEW_DECODERS)], list(HEADS)[k % len(HEADS)])
-            for k in range(n)]
+    """Every decoder on VGG (the one family with a stride-1 feature); every other family with one
+    decoder, each decoder in turn (heads cycle). The decoders see an encoder only through its
+    strides, which the keras-hub families below cover with every decoder at tiny sizes."""
+    others = [e for e in _encoder_families() if not e.startswith("vgg")]
+    cases = [("vgg16", name) for name in DECODERS] + [(e, DECODERS[k % len(DECODERS)]) for k, e in enumerate(others)]
+    return [(encoder, name, list(HEADS)[k % len(HEADS)]) for k, (encoder, name) in enumerate(cases)]
 
 
 @pytest.mark.slow
@@ -200,6 +203,29 @@ def test_decoder_on_applications_encoder_trains_one_step(encoder, name, head):
     assert model.get_layer("encoder").outputs[-1].shape[1:3] == (64 // bottom, 64 // bottom)
     assert model.outputs[0].shape[1:3] == (64, 64)
     _train_step(model, HEADS[head], batch=1)
+
+
+# ----------------------------------------------------------------------------- keras-hub families
+
+
+def _hub_cases():
+    """Every decoder on every keras-hub family with pyramid outputs (tiny backbones), heads cycling."""
+    cases = [(family, name) for family in HUB_FAMILIES for name in DECODERS]
+    return [pytest.param(family, name, list(HEADS)[k % len(HEADS)],
+                         marks=[pytest.mark.slow] if family == "mit" else [])  # 4 s per build on 2 cores
+            for k, (family, name) in enumerate(cases)]
+
+
+@pytest.mark.parametrize("family,name,head", _hub_cases())
+def test_every_decoder_trains_one_step_on_every_keras_hub_family(presets, family, name, head):
+    keras.utils.set_random_seed(0)
+    tiny = {k: v for k, v in TINY[name].items() if k not in ENCODER_OPTIONS}
+    model = build_model(name, input_shape=(32, 32, 3), encoder=presets(family), **tiny, **HEADS[head])
+    bottom = 16 if name == "deeplabv3plus" else 32
+    assert model.get_layer("encoder").outputs[-1].shape[1:3] == (32 // bottom, 32 // bottom)
+    n_out = HEADS[head].get("n_classes") or len(head.split("+"))
+    assert model.outputs[0].shape[1:] == (32, 32, n_out)
+    _train_step(model, HEADS[head], batch=2)
 
 
 # ----------------------------------------------------------------------------- U-Net++
