@@ -298,8 +298,7 @@ def test_a_tiny_model_learns_which_images_are_empty():
 def test_auxiliary_losses_and_image_channel_on_jax():
     run_on_jax("""
         import keras, numpy as np
-        from kseg.core.pictures import picture_row
-from kseg.nn.registry import build_model
+        from kseg.nn.registry import build_model
         from kseg.tasks.semantic import losses
         from kseg.tasks.semantic.auxiliary import main_model
         from kseg.tasks.semantic.training_graph import build_training_model
