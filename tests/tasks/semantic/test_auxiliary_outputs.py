@@ -357,7 +357,8 @@ def test_demo_run_with_auxiliary_outputs_trains_resumes_and_saves_one_output(dem
     tags = {value.tag for path in (result.run_dir / "logs" / "images").glob("events.out.tfevents.*")
             for event in tf.compat.v1.train.summary_iterator(str(path)) for value in event.summary.value}
     assert "validation/0: non-empty probability" in tags and any(t.endswith("| weight map") for t in tags)
-    record = tune_postprocess(result.run_dir, thresholds=[0.5], min_sizes=[0], methods=["distance"], progress=False)
+    record = tune_postprocess(result.run_dir, thresholds=[0.5], min_sizes=[0], methods=["distance"], limit=3,
+                              progress=False)
     gates = [g["empty_threshold"] for g in record["grid"] if g.get("empty_threshold") is not None]
     assert gates == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
     assert record["score"] >= record["gate"]["ungated_score"] >= record["config_score"] - 1e-12

@@ -115,9 +115,10 @@ def _train_step(model: keras.Model, head: dict, batch: int = 2, seed: int = 0) -
 # ----------------------------------------------------------------------------- every head, dynamic size
 
 
-@pytest.mark.parametrize("head", list(HEADS))
-@pytest.mark.parametrize("name", NEW_DECODERS)
-def test_plain_decoder_trains_one_step_with_every_head(name, head):
+@pytest.mark.parametrize("name, head", [(name, list(HEADS)[k % len(HEADS)]) for k, name in enumerate(DECODERS)])
+def test_plain_decoder_trains_one_step(name, head):
+    """Each decoder on the plain contracting path; every head meets every decoder on the
+    keras-hub families below."""
     keras.utils.set_random_seed(0)
     model = build_model(name, input_shape=(32, 32, 3), **TINY[name], **HEADS[head])
     n_out = HEADS[head].get("n_classes") or len(head.split("+"))
@@ -134,11 +135,14 @@ def test_dynamic_input_sizes(name):
         assert _out(model, _images(1, size, channels=1)).shape == (1, *size, 1)
 
 
-@pytest.mark.parametrize("name, options", [*((n, {}) for n in NEW_DECODERS),
+@pytest.mark.parametrize("name, options", [("fpn", {}), ("deeplabv3plus", {}),
                                            ("unet", dict(hypercolumns=True, upsampling="bilinear"))])
 def test_compiled_training_step_on_inputs_of_unknown_size(name, options):
     """kseg trains on (None, None) inputs inside a compiled graph, where the height is a tensor:
-    bilinear upsampling must not need it as a Python number (Keras' UpSampling2D does)."""
+    bilinear upsampling must not need it as a Python number (Keras' UpSampling2D does). These are
+    the decoders that upsample bilinearly; U-Net++ and LinkNet use transposed convolutions only
+    (their deep-supervision heads upsample bilinearly: the demo run of test_auxiliary_outputs
+    trains one compiled)."""
     keras.utils.set_random_seed(0)
     tiny = dict(TINY.get(name, dict(depth=2, base_filters=2)))
     model = build_model(name, input_shape=(None, None, 3), **tiny, **options)
@@ -451,7 +455,6 @@ def test_bad_decoder_options_are_config_errors():
 # statistics lag the batch statistics enough to spoil their deeper, narrower stride-16 paths.
 OVERFIT = {
     "unetpp": (dict(depth=2, base_filters=8), 0.9),
-    "linknet": (dict(depth=2, base_filters=8), 0.9),
     "fpn": (dict(base_filters=2, pyramid_filters=16, segmentation_filters=16, dropout=0.0,
                  batch_norm=False), 0.85),
     "deeplabv3plus": (dict(base_filters=4, aspp_filters=16, low_level_filters=8, decoder_filters=16,
