@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,23 +10,8 @@ import pytest
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-# The JAX subprocesses of the suite (tests/backends.py, kseg runs on JAX) share one XLA compilation
-# cache, new for each session: building a Keras model on JAX compiles every weight initializer
-# shape by shape, and the tiny test models share most shapes (loading one such model: 20 s
-# without, 1.4 s with the shapes cached). KSEG_TEST_JAX_CACHE=0 turns it off.
-_JAX_CACHE = None
-if os.environ.get("KSEG_TEST_JAX_CACHE", "1") != "0" and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    _JAX_CACHE = tempfile.mkdtemp(prefix="kseg-test-jax-cache-")
-    os.environ.update(JAX_COMPILATION_CACHE_DIR=_JAX_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
-
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("KSEG_SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data"))
-
-
-def pytest_unconfigure(config):
-    if _JAX_CACHE:
-        shutil.rmtree(_JAX_CACHE, ignore_errors=True)
 
 
 def pytest_configure(config):
