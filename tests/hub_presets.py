@@ -45,7 +45,6 @@ FAMILIES = {  # tiny configurations of each keras-hub family
 }
 
 
-
 class PresetFolders:
     """``presets(family)``: ``"keras_hub:<folder>"`` of the family's tiny backbone, saved once under
     ``root`` (ResNet: with a known first kernel, 0.01, and an ImageNet mean / std converter)."""

@@ -171,7 +171,7 @@ def test_hub_families_give_features_at_measured_strides(presets, family, strides
             build_encoder(presets(family), (None, None, 3))
 
 
-def _backbone_in(encoder: keras.Model, keras_hub):
+def _backbone_in(encoder: keras.Model):
     """The keras-hub backbone nested in an encoder (its only nested model). Not by name: that
     depends on how many backbones of its class the process built before (``res_net_backbone_2``)."""
     (backbone,) = [layer for layer in encoder.layers if isinstance(layer, keras.Model)]
@@ -184,7 +184,7 @@ def test_hub_resnet_unet_weights_strides_converter(presets, keras_hub):
     assert input_divisor("unet", encoder=name) == 32
     model = build_model("unet", input_shape=(64, 64, 3), encoder=name, base_filters=4)
     encoder = model.get_layer("encoder")
-    features = _backbone_in(encoder, keras_hub)
+    features = _backbone_in(encoder)
     assert [t.shape[1] for t in encoder.outputs] == [32, 16, 8, 4, 2]
 
     reference = keras_hub.models.Backbone.from_preset(folder)
@@ -209,7 +209,7 @@ def test_hub_unet_trains_one_step_and_reloads_identically(presets, keras_hub, tm
     model = build_model("unet", input_shape=(64, 64, 3), encoder=presets("resnet"), base_filters=4)
     model.compile(optimizer=keras.optimizers.SGD(0.1), loss="binary_crossentropy", run_eagerly=True)
     x, y = _images(2, 64), (_images(2, 64, 1, seed=3) > 0.5).astype(np.float32)
-    kernel = _backbone_in(model.get_layer("encoder"), keras_hub).get_layer("conv1_conv").kernel
+    kernel = _backbone_in(model.get_layer("encoder")).get_layer("conv1_conv").kernel
     before = kernel.numpy().copy()
     loss = model.train_on_batch(x, y)
     assert np.isfinite(loss) and not np.array_equal(kernel.numpy(), before)

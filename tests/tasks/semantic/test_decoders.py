@@ -198,13 +198,20 @@ def _encoder_cases():
 @pytest.mark.slow
 @pytest.mark.parametrize("encoder,name,head", _encoder_cases())
 def test_decoder_on_applications_encoder_trains_one_step(encoder, name, head):
+    _step_on_encoder(name, encoder, head, size=64, batch=1)
+
+
+def _step_on_encoder(name: str, encoder: str, head: str, size: int, batch: int) -> None:
+    """The tiny decoder on ``encoder``: bottleneck at its stride, full-size output with the
+    head's channels, one eager step that moves every weight."""
     keras.utils.set_random_seed(0)
     tiny = {k: v for k, v in TINY[name].items() if k not in ENCODER_OPTIONS}
-    model = build_model(name, input_shape=(64, 64, 3), encoder=encoder, **tiny, **HEADS[head])
+    model = build_model(name, input_shape=(size, size, 3), encoder=encoder, **tiny, **HEADS[head])
     bottom = 16 if name == "deeplabv3plus" else 32
-    assert model.get_layer("encoder").outputs[-1].shape[1:3] == (64 // bottom, 64 // bottom)
-    assert model.outputs[0].shape[1:3] == (64, 64)
-    _train_step(model, HEADS[head], batch=1)
+    assert model.get_layer("encoder").outputs[-1].shape[1:3] == (size // bottom, size // bottom)
+    n_out = HEADS[head].get("n_classes") or len(head.split("+"))
+    assert model.outputs[0].shape[1:] == (size, size, n_out)
+    _train_step(model, HEADS[head], batch=batch)
 
 
 # ----------------------------------------------------------------------------- keras-hub families
@@ -226,14 +233,7 @@ def _hub_cases():
 
 @pytest.mark.parametrize("family,name,head", _hub_cases())
 def test_every_decoder_trains_one_step_on_every_keras_hub_family(presets, family, name, head):
-    keras.utils.set_random_seed(0)
-    tiny = {k: v for k, v in TINY[name].items() if k not in ENCODER_OPTIONS}
-    model = build_model(name, input_shape=(32, 32, 3), encoder=presets(family), **tiny, **HEADS[head])
-    bottom = 16 if name == "deeplabv3plus" else 32
-    assert model.get_layer("encoder").outputs[-1].shape[1:3] == (32 // bottom, 32 // bottom)
-    n_out = HEADS[head].get("n_classes") or len(head.split("+"))
-    assert model.outputs[0].shape[1:] == (32, 32, n_out)
-    _train_step(model, HEADS[head], batch=2)
+    _step_on_encoder(name, presets(family), head, size=32, batch=2)
 
 
 # ----------------------------------------------------------------------------- U-Net++
